@@ -1,0 +1,226 @@
+// CUDA kernel of the fused softmax attention forward (float32, float16, bfloat16 inputs,
+// float32 accumulation), with the semantics of the CPU kernel: arbitrary strides, GQA,
+// bottom-right causal mask, sliding window, softcap, lse.
+//
+// A straightforward tiled online softmax without tensor cores: a CTA of kWarps warps
+// owns kRows consecutive queries of one (batch, head); each key tile of 32 keys (and its
+// values) is staged in shared memory once for all of them. Within a warp, lane j scores
+// key j0 + j, the warp reduces max and sum with shuffles, and lanes then split the value
+// dimension to update the output rows kept in shared memory.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "attention_cuda.h"
+
+namespace pyattn {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kRowsPerWarp = 4;
+constexpr int kRows = kWarps * kRowsPerWarp;  // queries per CTA
+constexpr int kKeys = 32;                     // keys per tile, one per lane
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+size_t smem_bytes(int64_t head_dim, int64_t head_dim_v) {
+  // k tile padded by one column: lane j reads row j, so row stride D + 1 avoids bank conflicts.
+  return sizeof(float) * static_cast<size_t>(kKeys * (head_dim + 1) + kKeys * head_dim_v +
+                                             kRows * head_dim + kRows * head_dim_v + kWarps * kKeys);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWarps * 32)
+    softmax_fwd_kernel(const SoftmaxFwdParams p, int64_t q_blocks, int64_t n_ctas) {
+  extern __shared__ float smem[];
+  const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
+  float* k_s = smem;                  // [kKeys][D + 1]
+  float* v_s = k_s + kKeys * (D + 1);  // [kKeys][Dv]
+  float* q_s = v_s + kKeys * Dv;       // [kRows][D], pre-scaled
+  float* o_s = q_s + kRows * D;        // [kRows][Dv], unnormalised output
+  float* p_s = o_s + kRows * Dv;       // [kWarps][kKeys], probabilities of the tile
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  T* out = static_cast<T*>(p.out);
+  const int64_t group = p.heads_q / p.heads_kv;
+  const bool softcap = p.softcap > 0.0f;
+  const float q_mul = softcap ? p.scale / p.softcap : p.scale * kLog2e;
+  const float cap_mul = p.softcap * kLog2e;
+
+  for (int64_t cta = blockIdx.x; cta < n_ctas; cta += gridDim.x) {
+    const int64_t qb = cta % q_blocks, bh = cta / q_blocks;
+    const int64_t b = bh / p.heads_q, h = bh % p.heads_q, kvh = h / group;
+    const int64_t i0 = qb * kRows;
+    const T* q_bh = q + b * p.q_stride[0] + h * p.q_stride[1];
+    const T* k_bh = k + b * p.k_stride[0] + kvh * p.k_stride[1];
+    const T* v_bh = v + b * p.v_stride[0] + kvh * p.v_stride[1];
+
+    // Keys any query of the CTA can see; the rest are never loaded.
+    int64_t kmin = INT64_MAX, kmax = -1;
+    for (int r = 0; r < kRows && i0 + r < p.seq_q; ++r) {
+      const int64_t lo = p.key_lo(i0 + r), hi = p.key_hi(i0 + r);
+      if (lo > hi) continue;
+      kmin = lo < kmin ? lo : kmin;
+      kmax = hi > kmax ? hi : kmax;
+    }
+
+    for (int x = threadIdx.x; x < kRows * D; x += blockDim.x) {
+      const int r = x / D, d = x % D;
+      q_s[x] = i0 + r < p.seq_q ? to_float(q_bh[(i0 + r) * p.q_stride[2] + d * p.q_stride[3]]) * q_mul
+                                : 0.0f;
+    }
+    for (int x = threadIdx.x; x < kRows * Dv; x += blockDim.x) o_s[x] = 0.0f;
+
+    float m[kRowsPerWarp], l[kRowsPerWarp];
+    int64_t lo[kRowsPerWarp], hi[kRowsPerWarp];
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const int64_t i = i0 + warp * kRowsPerWarp + rr;
+      m[rr] = -INFINITY;
+      l[rr] = 0.0f;
+      lo[rr] = i < p.seq_q ? p.key_lo(i) : 1;
+      hi[rr] = i < p.seq_q ? p.key_hi(i) : 0;  // rows past seq_q see nothing
+    }
+    __syncthreads();
+
+    for (int64_t j0 = kmin; j0 <= kmax; j0 += kKeys) {
+      const int bn = static_cast<int>(kmax + 1 - j0 < kKeys ? kmax + 1 - j0 : kKeys);
+      for (int x = threadIdx.x; x < kKeys * D; x += blockDim.x) {
+        const int jj = x / D, d = x % D;
+        k_s[jj * (D + 1) + d] =
+            jj < bn ? to_float(k_bh[(j0 + jj) * p.k_stride[2] + d * p.k_stride[3]]) : 0.0f;
+      }
+      for (int x = threadIdx.x; x < kKeys * Dv; x += blockDim.x) {
+        const int jj = x / Dv, d = x % Dv;
+        v_s[x] = jj < bn ? to_float(v_bh[(j0 + jj) * p.v_stride[2] + d * p.v_stride[3]]) : 0.0f;
+      }
+      __syncthreads();
+
+#pragma unroll
+      for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+        // Warp-uniform: skip rows that see no key of this tile.
+        if (lo[rr] > hi[rr] || hi[rr] < j0 || lo[rr] > j0 + bn - 1) continue;
+        const int r = warp * kRowsPerWarp + rr;
+        const int64_t j = j0 + lane;
+        float s = -INFINITY;
+        if (lane < bn && j >= lo[rr] && j <= hi[rr]) {
+          float dot = 0.0f;
+          for (int d = 0; d < D; ++d) dot = fmaf(q_s[r * D + d], k_s[lane * (D + 1) + d], dot);
+          s = softcap ? tanhf(dot) * cap_mul : dot;  // log2 units
+        }
+        const float m_new = fmaxf(m[rr], warp_max(s));
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+        const float alpha = exp2f(m[rr] - m_use);
+        const float prob = exp2f(s - m_use);
+        l[rr] = l[rr] * alpha + warp_sum(prob);
+        m[rr] = m_new;
+        p_s[warp * kKeys + lane] = prob;
+        __syncwarp();
+        for (int d = lane; d < Dv; d += 32) {
+          float acc = o_s[r * Dv + d] * alpha;
+          for (int jj = 0; jj < bn; ++jj) acc = fmaf(p_s[warp * kKeys + jj], v_s[jj * Dv + d], acc);
+          o_s[r * Dv + d] = acc;
+        }
+        __syncwarp();
+      }
+      __syncthreads();  // the next tile overwrites k_s / v_s
+    }
+
+#pragma unroll
+    for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+      const int r = warp * kRowsPerWarp + rr;
+      const int64_t i = i0 + r;
+      if (i >= p.seq_q) continue;
+      const bool visible = l[rr] > 0.0f;
+      const float inv_l = visible ? 1.0f / l[rr] : 0.0f;
+      T* o = out + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
+      for (int d = lane; d < Dv; d += 32) o[d * p.out_stride[3]] = from_float<T>(o_s[r * Dv + d] * inv_l);
+      if (lane == 0 && p.lse != nullptr) {
+        p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + i * p.lse_stride[2]] =
+            visible ? (m[rr] + log2f(l[rr])) * kLn2 : -INFINITY;
+      }
+    }
+    __syncthreads();  // the next CTA iteration overwrites q_s / o_s
+  }
+}
+
+template <typename T>
+const char* launch(const SoftmaxFwdParams& p, int device, cudaStream_t stream) {
+  const int64_t q_blocks = (p.seq_q + kRows - 1) / kRows;
+  const int64_t n_ctas = p.batch * p.heads_q * q_blocks;
+  if (n_ctas == 0) return nullptr;
+  const size_t smem = smem_bytes(p.head_dim, p.head_dim_v);
+  int smem_max = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  if (smem > static_cast<size_t>(smem_max)) {
+    return "head_dim + head_dim_v too large for the CUDA softmax kernel's shared memory";
+  }
+  if (smem > 48 * 1024) {
+    err = cudaFuncSetAttribute(softmax_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+  }
+  // A grid-stride loop over CTAs: gridDim.x may be up to 2^31 - 1, and y/z are unused.
+  const unsigned grid = static_cast<unsigned>(n_ctas < INT_MAX ? n_ctas : INT_MAX);
+  softmax_fwd_kernel<T><<<grid, kWarps * 32, smem, stream>>>(p, q_blocks, n_ctas);
+  err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace
+
+const char* softmax_fwd(const SoftmaxFwdParams& p, DType dtype, int device, void* stream) {
+  if (p.batch <= 0 || p.heads_q <= 0 || p.seq_q <= 0) return nullptr;
+  int previous = -1;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return cudaGetErrorString(err);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const char* result = "unsupported dtype";
+  switch (dtype) {
+    case DType::kFloat32: result = launch<float>(p, device, s); break;
+    case DType::kFloat16: result = launch<__half>(p, device, s); break;
+    case DType::kBFloat16: result = launch<__nv_bfloat16>(p, device, s); break;
+  }
+  if (previous != device) cudaSetDevice(previous);
+  return result;
+}
+
+}  // namespace cuda
+}  // namespace pyattn

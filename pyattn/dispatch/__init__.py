@@ -1,0 +1,115 @@
+"""Backend registry and the per-call backend choice.
+
+A backend is a module with:
+
+* ``NAME``; ``DEFAULT_OK``: whether ``backend=None`` may pick it (kernels not
+  yet verified on real hardware are only run when named);
+* ``unavailable() -> str | None``: why it cannot run anything here;
+* ``cannot_run(request) -> str | None``: why it cannot run this call;
+* ``kernel(request) -> str``: the kernel that would run, for ``explain``;
+* ``<op>_forward(...)`` / ``<op>_backward(...)`` implementations, called by
+  the custom ops in ``pyattn.ops``.
+
+The choice happens per call, in Python, before the custom op: ``backend=``,
+else ``PYATTN_BACKEND``, else the first backend of ``PRIORITY`` that can run
+the call. A named backend that cannot run it raises ``NotImplementedError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, FrozenSet, Optional, Tuple
+
+import torch
+
+from .. import _config
+from . import cpu, cuda, reference, triton
+
+_MODULES = {m.NAME: m for m in (cuda, triton, cpu, reference)}
+# Fastest first. The reference backend runs everything, so a choice always exists.
+PRIORITY = ("cuda", "triton", "cpu", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """What a backend needs to know to say whether it can run a call."""
+
+    op: str
+    device: torch.device
+    dtype: torch.dtype
+    needs_grad: bool
+    features: FrozenSet[str] = frozenset()  # e.g. {"dropout", "attn_bias", "softcap", "window"}
+    head_dim: int = 0
+    head_dim_v: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The backend and kernel a call runs on, and why the faster ones were passed over."""
+
+    op: str
+    backend: str
+    kernel: str
+    passed_over: Tuple[Tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        lines = [f"{self.op}: backend {self.backend!r}, kernel {self.kernel}"]
+        lines += [f"  not {name!r}: {why}" for name, why in self.passed_over]
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    available: bool
+    reason: Optional[str]  # why it is not available (None when it is)
+    default_ok: bool  # whether backend=None may pick it
+
+    def __bool__(self) -> bool:
+        return self.available
+
+
+def get(name: str):
+    """The backend module called `name` (used by the custom ops)."""
+    return _MODULES[name]
+
+
+@torch.compiler.assume_constant_result
+def _unavailable(name: str) -> Optional[str]:
+    # Probing imports and compiled modules is host work torch.compile need not trace: it is
+    # constant for the process, so dynamo calls it once and keeps the answer.
+    return _MODULES[name].unavailable()
+
+
+def backends() -> Dict[str, BackendStatus]:
+    """Per backend name: whether it is available here, and why not."""
+    out = {}
+    for name in PRIORITY:
+        reason = _unavailable(name)
+        out[name] = BackendStatus(reason is None, reason, _MODULES[name].DEFAULT_OK)
+    return out
+
+
+def _why_not(name: str, request: Request) -> Optional[str]:
+    return _unavailable(name) or _MODULES[name].cannot_run(request)
+
+
+def choose(request: Request, backend: Optional[str]) -> Plan:
+    """Pick the backend for `request`; `backend` is the caller's `backend=` argument."""
+    source = "backend"
+    if backend is None:
+        backend, source = _config.default_backend(), "PYATTN_BACKEND"
+    if backend is not None:
+        if not isinstance(backend, str) or backend not in _MODULES:
+            raise ValueError(f"{source} must be one of {list(PRIORITY)} or None, got {backend!r}")
+        why = _why_not(backend, request)
+        if why is not None:
+            raise NotImplementedError(f"backend {backend!r} (from {source}) cannot run {request.op}: {why}")
+        return Plan(request.op, backend, _MODULES[backend].kernel(request))
+    passed_over = []
+    for name in PRIORITY:
+        why = _why_not(name, request)
+        if why is None and not _MODULES[name].DEFAULT_OK:
+            why = "not verified on hardware yet; only used when named"
+        if why is None:
+            return Plan(request.op, name, _MODULES[name].kernel(request), tuple(passed_over))
+        passed_over.append((name, why))
+    raise AssertionError("the reference backend runs every request")  # unreachable

@@ -1,0 +1,43 @@
+"""Test harness: the Triton interpreter without a GPU, the `gpu` marker, NaN-poisoned buffers."""
+import os
+
+import torch
+
+# Must happen before anything imports triton: kernels then run on CPU tensors through Triton's interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """Fill new float buffers with NaN, so an element a kernel forgot to write fails loudly."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(fn):
+        def make(*args, **kwargs):
+            x = fn(*args, **kwargs)
+            return x.fill_(float("nan")) if x.is_floating_point() else x
+        return make
+
+    monkeypatch.setattr(torch, "empty", poisoned(empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
+
+
+@pytest.fixture
+def no_default_backend(monkeypatch):
+    monkeypatch.delenv("PYATTN_BACKEND", raising=False)
