@@ -14,13 +14,14 @@
 #include <vector>
 
 #include "common/parallel.h"
+#include "softmax/params_from_args.h"
 #include "softmax/attention_cpu.h"
 
 namespace py = pybind11;
 
 namespace {
 
-using Shape4 = std::array<int64_t, 4>;
+using pyattn::Shape4;
 
 void softmax_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
                      const Shape4& q_size, const Shape4& q_stride, const Shape4& k_size,
@@ -28,31 +29,9 @@ void softmax_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintp
                      const Shape4& out_stride, const std::array<int64_t, 3>& lse_stride,
                      float scale, bool causal, int64_t window_left, int64_t window_right,
                      float softcap, int num_threads) {
-  pyattn::SoftmaxFwdParams p;
-  p.q = reinterpret_cast<const void*>(q);
-  p.k = reinterpret_cast<const void*>(k);
-  p.v = reinterpret_cast<const void*>(v);
-  p.out = reinterpret_cast<void*>(out);
-  p.lse = reinterpret_cast<float*>(lse);
-  p.batch = q_size[0];
-  p.heads_q = q_size[1];
-  p.seq_q = q_size[2];
-  p.head_dim = q_size[3];
-  p.heads_kv = k_size[1];
-  p.seq_k = k_size[2];
-  p.head_dim_v = v_size[3];
-  for (int d = 0; d < 4; ++d) {
-    p.q_stride[d] = q_stride[d];
-    p.k_stride[d] = k_stride[d];
-    p.v_stride[d] = v_stride[d];
-    p.out_stride[d] = out_stride[d];
-  }
-  for (int d = 0; d < 3; ++d) p.lse_stride[d] = lse_stride[d];
-  p.scale = scale;
-  p.causal = causal;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.softcap = softcap;
+  const pyattn::SoftmaxFwdParams p = pyattn::softmax_fwd_params(
+      q, k, v, out, lse, q_size, q_stride, k_size, k_stride, v_size, v_stride, out_stride,
+      lse_stride, scale, causal, window_left, window_right, softcap);
   py::gil_scoped_release no_gil;
   pyattn::cpu::softmax_fwd(p, num_threads);
 }

@@ -71,7 +71,7 @@ _LISTS_PER_SQRT = 4.0
 _MIN_KEYS_PER_LIST = 32
 # k-means runs on a sample of this many keys per list, for this many rounds.
 _SAMPLE_PER_LIST = 16
-_KMEANS_ITERS = 10
+_KMEANS_ITERS = 6
 _SEED = 0x5EED
 # Default probing: lists until a query row has max(middle / 32, 8 * top_k) candidates.
 _SCAN_FRACTION = 32

@@ -9,11 +9,10 @@ from typing import Optional
 
 import torch
 
+from . import _compiled
 
 NAME = "cuda"
 DEFAULT_OK = False
-_FEATURES = frozenset({"window", "softcap", "causal"})
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def unavailable() -> Optional[str]:
@@ -26,30 +25,16 @@ def unavailable() -> Optional[str]:
 
 
 def cannot_run(request) -> Optional[str]:
-    if request.device.type != "cuda":
-        return f"inputs are on {request.device}, the cuda backend runs CUDA tensors"
-    if request.op != "attention":
-        return f"no CUDA C++ kernel for {request.op} yet"
-    if request.dtype not in _DTYPES:
-        return f"the CUDA C++ kernel runs float16, bfloat16 and float32, got {request.dtype}"
-    if request.needs_grad:
-        return "the CUDA C++ kernel has no backward yet (inputs require grad)"
-    unsupported = request.features - _FEATURES
-    if unsupported:
-        return f"the CUDA C++ kernel does not support {', '.join(sorted(unsupported))} yet"
-    return None
+    return _compiled.kernel_gap(request, backend=NAME, device_type="cuda", ops=frozenset({"attention"}),
+                                dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                                features=frozenset({"window", "softcap", "causal"}), kernel_words="CUDA C++")
 
 
 def kernel(request) -> str:
     return "pyattn._cuda attention forward (unverified)"
 
 
-def attention_forward(inputs, *, dropout_seed, causal, scale, window_left, window_right, softcap, dropout_p):
+def attention_forward(inputs, *, dropout_seed, dropout_p, **params):
     from ..launchers import cuda_softmax
 
-    q, k, v, _ = inputs
-    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    cuda_softmax.softmax_forward(q, k, v, out, lse, scale=scale, causal=causal, window_left=window_left,
-                                 window_right=window_right, softcap=softcap)
-    return out, lse
+    return _compiled.attention_forward(cuda_softmax.softmax_forward, inputs, **params)

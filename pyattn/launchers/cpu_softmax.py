@@ -6,13 +6,7 @@ from typing import Optional
 import torch
 
 from .. import _extension
-
-
-def _module():
-    module = _extension.load_cpu()
-    if module is None:
-        raise RuntimeError(_extension.cpu_unavailable_reason())
-    return module
+from ._marshal import compiled, softmax_forward_args
 
 
 def softmax_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -23,13 +17,10 @@ def softmax_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
     q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv), out: float32 CPU tensors
     with any strides; lse float32 or None (not written). Semantics: ``shared/API.md``
     section 1 (``pyattn.reference.attention``). Runs on ``torch.get_num_threads()``
-    threads of pyattn's own pool, whose idle threads sleep.
+    threads of the OpenMP runtime torch loaded (else of pyattn's own sleeping pool).
     """
-    _module().softmax_forward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-        0 if lse is None else lse.data_ptr(),
-        q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), out.stride(),
-        (0, 0, 0) if lse is None else lse.stride(),
+    compiled(_extension.load_cpu, _extension.cpu_unavailable_reason).softmax_forward(
+        *softmax_forward_args(q, k, v, out, lse),
         scale=float(scale), causal=bool(causal), window_left=int(window_left),
         window_right=int(window_right), softcap=float(softcap),
         num_threads=torch.get_num_threads())

@@ -6,15 +6,9 @@ from typing import Optional
 import torch
 
 from .. import _extension
+from ._marshal import compiled, softmax_forward_args
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _module():
-    module = _extension.load_cuda()
-    if module is None:
-        raise RuntimeError(_extension.cuda_unavailable_reason())
-    return module
 
 
 def softmax_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -27,11 +21,8 @@ def softmax_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torc
     lse float32 (B, Hq, Sq) or None. Semantics: ``shared/API.md`` section 1.
     """
     device = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    _module().softmax_forward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-        0 if lse is None else lse.data_ptr(),
-        q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), out.stride(),
-        (0, 0, 0) if lse is None else lse.stride(),
+    compiled(_extension.load_cuda, _extension.cuda_unavailable_reason).softmax_forward(
+        *softmax_forward_args(q, k, v, out, lse),
         scale=float(scale), causal=bool(causal), window_left=int(window_left),
         window_right=int(window_right), softcap=float(softcap),
         dtype=_DTYPE_CODES[q.dtype], device=device,
