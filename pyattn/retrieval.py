@@ -38,7 +38,9 @@ how many keys the last call read.
 The index is maintained as tokens leave the window into the middle: new keys
 go to their nearest centroid's list; k-means is retrained when the number of
 middle keys reaches `1024 * 2**j`, so an append costs amortized O(n_lists)
-centroid comparisons per key plus O(log n) sorting. Training uses the first
+centroid comparisons per key. The next `attend` sorts the keys new since the
+last full sort by list; once they pass 1/32 of the lists, all keys are sorted
+again (amortized O(log n) per key). Training uses the first
 `1024 * 2**j` middle keys and a fixed seed, so appending tokens in chunks or
 all at once builds the same index. Below 1024 middle keys the middle is
 scanned exactly.
@@ -532,8 +534,12 @@ class RetrievalKVCache:
         if budget == 0:
             # Exact scan of every middle key, in the cache dtype.
             q = rows.to(self._device, self._dtype) * self._scale
-            logits = torch.bmm(q, self._k[:, s:w0].transpose(1, 2))     # [H, R, n_mid]
-            ids = logits.topk(self._top_k, dim=-1).indices + s
+            logits = q.new_empty(h, n_mid, n_rows)
+            # One matmul per head: a head's keys are contiguous, a batch of
+            # heads is strided, which low-precision CPU matmuls handle slowly.
+            for j in range(h):
+                torch.mm(self._k[j, s:w0], q[j].T, out=logits[j])
+            ids = logits.topk(self._top_k, dim=1).indices.transpose(1, 2) + s
             return ids, None, (float(h * n_mid), float(h * n_rows * n_mid), 0.0)
         q = rows.to(self._device, torch.float32) * self._scale
         ids, valid, keep, n_probed = self._ivf_candidates(q, budget)   # [H, M], [H, M], [H, R, M]
@@ -563,7 +569,7 @@ class RetrievalKVCache:
 
     def _retrieved(self, rows: torch.Tensor, ids: torch.Tensor, valid: Optional[torch.Tensor]):
         """Exact attention of each row [H, R, D] over its own retrieved keys ids [H, R, k]."""
-        flat = (ids + self._k_row_base()).view(-1)
+        flat = (ids + self._k_row_base()).reshape(-1)
         keys = self._k.view(-1, self._head_dim).index_select(0, flat)
         values = self._v.view(-1, self._head_dim_v).index_select(0, flat)
         keys = keys.view(*ids.shape, self._head_dim).to(rows.device, rows.dtype)            # [H, R, k, D]
