@@ -25,15 +25,18 @@ def _cuda_expected() -> bool:
     return found and not disabled
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+def _build_wheel(out: Path, **env_vars: str) -> Path:
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-                            "-w", str(out)], capture_output=True, text=True)
+                            "-w", str(out)], capture_output=True, text=True, env=dict(os.environ, **env_vars))
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     wheels = list(out.glob("pyattn-*.whl"))
     assert len(wheels) == 1, wheels
     return wheels[0]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    return _build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,11 @@ def unpacked(wheel, tmp_path_factory) -> Path:
 def _run_python(code: str, path: Path, **env_vars: str) -> str:
     """Runs `code` in a fresh interpreter that imports pyattn from `path` (not the source tree)."""
     env = dict(os.environ, PYTHONPATH=str(path), **env_vars)
-    result = subprocess.run([sys.executable, "-c", code], cwd=path, env=env, capture_output=True, text=True)
+    # An editable install of pyattn in this environment would still answer for modules the
+    # wheel lacks (its finder ignores the package path): take it out of the way.
+    isolate = "import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+    result = subprocess.run([sys.executable, "-c", isolate + code], cwd=path, env=env, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -63,12 +70,28 @@ def test_wheel_contents(wheel):
 
 def test_cpu_module_imports_from_wheel(unpacked):
     out = _run_python(
-        "import pyattn._C as C, pyattn.kernels, pyattn\n"
-        "print(C.__file__); print(pyattn.kernels.__file__); print(C.supported_isas())\n",
+        "import torch, pyattn._C as C, pyattn.kernels, pyattn\n"
+        "print(C.__file__); print(pyattn.kernels.__file__); print(C.supported_isas())\n"
+        "q = torch.randn(1, 2, 5, 8)\n"
+        "out = pyattn.attention(q, q, q, causal=True, backend='cpu')\n"
+        "print(torch.allclose(out, pyattn.reference.attention(q, q, q, causal=True), atol=1e-5))\n",
         unpacked)
-    c_file, kernels_file, isas = out.splitlines()
+    c_file, kernels_file, isas, same = out.splitlines()
     assert c_file.startswith(str(unpacked)) and kernels_file.startswith(str(unpacked))
-    assert "base" in isas
+    assert "base" in isas and same == "True"
+
+
+def test_cpu_only_wheel_without_cuda(tmp_path):
+    """PYATTN_DISABLE_CUDA=1 builds what a machine without nvcc gets: _C only, and a package that says why."""
+    wheel = _build_wheel(tmp_path / "wheel", PYATTN_DISABLE_CUDA="1")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("pyattn/_C.") for n in names) and not any(n.startswith("pyattn/_cuda.") for n in names)
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(tmp_path / "site")
+    out = _run_python("import pyattn; s = pyattn.backends(); print(s['cpu'].available); print(s['cuda'].reason)",
+                      tmp_path / "site")
+    cpu_ok, cuda_reason = out.splitlines()
+    assert cpu_ok == "True" and "not built" in cuda_reason
 
 
 def test_cuda_module_imports_without_gpu(unpacked):
