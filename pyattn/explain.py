@@ -35,7 +35,8 @@ def explain(op: Union[Callable, str], *args, **kwargs) -> Plan:
     """The `Plan` (backend, kernel, and why faster backends were passed over) for ``op(*args, **kwargs)``.
 
     ``op`` is a pyattn function or its name: ``pyattn.explain(pyattn.attention, q, k, v, causal=True)``.
-    The arguments are checked exactly as the call itself would check them.
+    The arguments are checked as the call checks them before it runs its custom op (checks of
+    tensor values, such as index ranges and signs, run inside the op, and so only in the call).
     """
     fn = _BY_NAME.get(op) if isinstance(op, str) else op
     if fn not in _PLANNERS:

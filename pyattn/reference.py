@@ -405,8 +405,10 @@ def _num_blocks(seq: int, block_size: int) -> int:
 
 def _block_mask_to_tokens(block_mask: torch.Tensor, block_size: int, seq_q: int, seq_k: int) -> torch.Tensor:
     """(..., n_qblocks, n_kblocks) bool -> (..., Sq, Sk) bool."""
-    per_query = block_mask.repeat_interleave(block_size, dim=-2)[..., :seq_q, :]
-    return per_query.repeat_interleave(block_size, dim=-1)[..., :seq_k]
+    # index by block number rather than repeat, so memory follows Sq * Sk, not block_size
+    q_block = torch.arange(seq_q, device=block_mask.device) // block_size
+    k_block = torch.arange(seq_k, device=block_mask.device) // block_size
+    return block_mask[..., q_block, :][..., k_block]
 
 
 def block_sparse_attention(q, k, v, block_indices, *, block_size=64, causal=True, scale=None,

@@ -5,8 +5,9 @@ modules get raw integers and cannot check anything themselves. Each error
 names the argument, what it got and what was expected.
 
 Checks that need tensor *values* (cu_seqlens, block indices, decay signs,
-lengths) read them on the host. They are skipped while torch.compile traces
-(values are unknown then) -- the same calls run them eagerly.
+lengths) read them on the host. The ops run them inside their custom op's
+implementation, where the values exist both in eager mode and in a compiled
+graph (while torch.compile traces, values are unknown), still before any kernel.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_INT = 2**62  # ints cross into int64 kernel arguments: keep them, and sums of a few, in range
 
 
 def _describe(x) -> str:
@@ -24,8 +26,9 @@ def _describe(x) -> str:
     return f"{type(x).__name__} {x!r}"
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling()
+def _finite(x) -> bool:
+    # comparisons rather than math.isfinite, which torch.compile cannot trace with dynamic shapes
+    return -math.inf < x < math.inf  # False for NaN too
 
 
 def tensor(name: str, x, *, ndim: Optional[int] = None, dtypes: Optional[Sequence[torch.dtype]] = None) -> torch.Tensor:
@@ -88,7 +91,7 @@ def scale(value, head_dim: int) -> float:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"scale must be a float or None, got {_describe(value)}")
-    if not math.isfinite(value):
+    if not _finite(value):
         raise ValueError(f"scale must be finite, got {value}")
     return float(value)
 
@@ -102,7 +105,7 @@ def flag(name: str, value) -> bool:
 def nonnegative_float(name: str, value, *, below: Optional[float] = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {_describe(value)}")
-    if not math.isfinite(value) or value < 0 or (below is not None and value >= below):
+    if not _finite(value) or value < 0 or (below is not None and value >= below):
         bound = f"in [0, {below})" if below is not None else ">= 0 and finite"
         raise ValueError(f"{name} must be {bound}, got {value}")
     return float(value)
@@ -111,8 +114,8 @@ def nonnegative_float(name: str, value, *, below: Optional[float] = None) -> flo
 def positive_int(name: str, value, *, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {_describe(value)}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if not minimum <= value <= MAX_INT:
+        raise ValueError(f"{name} must be >= {minimum} and <= 2**62, got {value}")
     return value
 
 
@@ -123,8 +126,8 @@ def window(value) -> tuple:
     for side, w in zip(("left", "right"), value):
         if isinstance(w, bool) or not isinstance(w, int):
             raise TypeError(f"window {side} must be an int, got {_describe(w)}")
-        if w < -1:
-            raise ValueError(f"window {side} must be -1 (unbounded) or >= 0, got {w}")
+        if not -1 <= w <= MAX_INT:
+            raise ValueError(f"window {side} must be -1 (unbounded) or in [0, 2**62], got {w}")
     return int(value[0]), int(value[1])
 
 
@@ -145,8 +148,8 @@ def attn_bias(x, shape, dtype: torch.dtype, device: torch.device) -> None:
     broadcastable("attn_bias", x, shape)
 
 
-def cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, device: torch.device) -> None:
-    """int32 (batch+1,) prefix sums from 0 to `total`, with no step above `max_seqlen`."""
+def cu_seqlens(name: str, cu, max_seqlen, max_name: str, device: torch.device) -> None:
+    """int32 (batch+1,) on `device`; `max_seqlen` a non-negative int (values: `cu_seqlens_values`)."""
     tensor(name, cu, ndim=1, dtypes=(torch.int32,))
     if cu.shape[0] < 1:
         raise ValueError(f"{name} must have at least one entry (batch + 1), got shape {tuple(cu.shape)}")
@@ -154,8 +157,10 @@ def cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, device: tor
         raise ValueError(f"{name} must be on the device of q ({device}), got {cu.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{max_name} must be a non-negative int, got {_describe(max_seqlen)}")
-    if _tracing():
-        return
+
+
+def cu_seqlens_values(name: str, cu: torch.Tensor, total: int, max_seqlen: int, max_name: str) -> None:
+    """Prefix sums from 0 to `total`, non-decreasing, with no step above `max_seqlen`."""
     values = cu.cpu()
     if values[0].item() != 0 or values[-1].item() != total:
         raise ValueError(f"{name} must start at 0 and end at the packed length {total}, "
@@ -170,7 +175,7 @@ def cu_seqlens(name: str, cu, total: int, max_seqlen, max_name: str, device: tor
 
 def int_values_in(name: str, x: torch.Tensor, low: int, high: int, what: str) -> None:
     """Every value of integer tensor `x` lies in [low, high]."""
-    if _tracing() or x.numel() == 0:
+    if x.numel() == 0:
         return
     lo, hi = x.min().item(), x.max().item()
     if lo < low or hi > high:
@@ -178,7 +183,7 @@ def int_values_in(name: str, x: torch.Tensor, low: int, high: int, what: str) ->
 
 
 def float_values_at_most(name: str, x: torch.Tensor, bound: float) -> None:
-    if _tracing() or x.numel() == 0:
+    if x.numel() == 0:
         return
     hi = x.max().item()
     if not hi <= bound:  # also catches NaN

@@ -70,3 +70,40 @@ def _opcheck_cases():
 @pytest.mark.parametrize("name,op,args", list(_opcheck_cases()), ids=[c[0] for c in _opcheck_cases()])
 def test_opcheck(name, op, args):
     torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("name", ["attention", "sdpa", "varlen", "linear", "cross"])
+def test_compile_dynamic_shapes(name, no_default_backend):
+    torch._dynamo.reset()
+    q, k, v = rand(2, 4, 9, 8), rand(2, 2, 9, 8), rand(2, 2, 9, 8)
+    fn = CALLS[name]
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v))
+
+
+BAD_VALUES = {
+    # id: (call, words of the error); the values are only known when the compiled graph runs
+    "log-decay-positive": (lambda q, k, v: pyattn.linear_attention(q, k, v, log_decay=torch.full((2, 4, 9), 3.0),
+                                                                   backend=R), "log_decay"),
+    "log-decay-nan": (lambda q, k, v: pyattn.linear_attention(q, k, v, log_decay=torch.full((4,), float("nan")),
+                                                              backend=R), "log_decay"),
+    "kv-lengths": (lambda q, k, v: pyattn.cross_attention(q, k, v, kv_lengths=torch.tensor([100, 2]), backend=R),
+                   "kv_lengths"),
+    "cu-seqlens": (lambda q, k, v: pyattn.attention_varlen(
+        q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+        torch.tensor([0, 6, 3, 9], dtype=torch.int32), torch.tensor([0, 3, 6, 9], dtype=torch.int32), 9, 9,
+        backend=R), "cu_seqlens_q"),
+    "block-indices": (lambda q, k, v: pyattn.block_sparse_attention(
+        q, k, v, torch.full((2, 2, 3, 1), 7, dtype=torch.int32), block_size=4, backend=R), "block_indices"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_VALUES))
+def test_value_checks_run_in_compiled_graphs(name):
+    torch._dynamo.reset()
+    q, k, v = rand(2, 4, 9, 8), rand(2, 2, 9, 8), rand(2, 2, 9, 8)
+    call, word = BAD_VALUES[name]
+    with pytest.raises(ValueError, match=word):
+        call(q, k, v)
+    with pytest.raises(ValueError, match=word):
+        torch.compile(call, fullgraph=True, backend="aot_eager")(q, k, v)

@@ -227,3 +227,10 @@ def test_low_precision_output_dtype(dtype):
     assert out.dtype == dtype and lse.dtype == torch.float32
     expected = ref.attention(q.double(), k.double(), v.double())
     assert_close(out, expected, dtype, name="out")
+
+
+def test_huge_block_size_costs_no_memory():
+    q, k, v = qkv(sq=10, sk=10)
+    out = pyattn.block_sparse_attention(q, k, v, torch.zeros(2, 2, 1, 1, dtype=torch.int32), block_size=2**40,
+                                        causal=False, backend=R)
+    assert_close(out, ref.attention(q, k, v), name="out")  # one block holds every key

@@ -25,6 +25,11 @@ CASES = {
     "5d-masked": ((3, 2, 2, 5, 8), (3, 2, 2, 6, 8), (3, 2, 2, 6, 4), dict(attn_mask="bool", mask_shape=(2, 1, 5, 6))),
     "broadcast-kv-batch": ((2, 4, 5, 8), (1, 4, 6, 8), (1, 4, 6, 8), {}),
     "fully-masked-row": ((1, 2, 3, 8), (1, 2, 4, 8), (1, 2, 4, 8), dict(attn_mask="row0", mask_shape=(3, 4))),
+    "broadcast-q-heads": ((2, 1, 5, 8), (2, 4, 7, 8), (2, 4, 7, 8), {}),
+    "2d-q-3d-kv": ((5, 8), (2, 7, 8), (2, 7, 8), {}),
+    "broadcast-k-heads": ((2, 4, 5, 8), (2, 1, 7, 8), (2, 4, 7, 8), {}),
+    "gqa-mqa": ((2, 8, 5, 8), (2, 1, 7, 8), (2, 1, 7, 8), dict(enable_gqa=True)),
+    "zero-head-dim": ((1, 2, 5, 0), (1, 2, 7, 0), (1, 2, 7, 8), {}),
 }
 
 
@@ -48,6 +53,20 @@ def test_matches_torch(case):
     w = torch.randn_like(theirs)
     for a, b in zip(torch.autograd.grad((ours * w).sum(), (q, k, v)), torch.autograd.grad((theirs * w).sum(), (q, k, v))):
         assert_close(a, b, name="grad")
+
+
+def test_mask_may_not_enlarge_the_output():
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 7, 8)
+    mask = torch.rand(3, 2, 5, 7) > 0.5
+    with pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+    with pytest.raises(ValueError, match="broadcast shape"):
+        pyattn.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+
+
+def test_dropout_one_gives_zeros_like_torch():
+    q = torch.randn(1, 2, 5, 8)
+    assert torch.equal(pyattn.scaled_dot_product_attention(q, q, q, dropout_p=1.0), torch.zeros_like(q))
 
 
 def test_float32_inference_runs_on_the_cpu_kernel(no_default_backend):

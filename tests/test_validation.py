@@ -59,6 +59,7 @@ CASES = [
     ("window-type", attn(window=3), TypeError, ["window", "pair"]),
     ("window-value", attn(window=(-2, 0)), ValueError, ["window", "left", "-2"]),
     ("window-float", attn(window=(1.5, 0)), TypeError, ["window", "left", "float"]),
+    ("window-huge", attn(window=(0, 2**63)), ValueError, ["window", "right", str(2**63)]),
     ("softcap-negative", attn(softcap=-1.0), ValueError, ["softcap", "-1.0"]),
     ("dropout-1", attn(dropout_p=1.0), ValueError, ["dropout_p", "1.0"]),
     ("dropout-negative", attn(dropout_p=-0.1), ValueError, ["dropout_p", "-0.1"]),
@@ -114,6 +115,7 @@ CASES = [
     ("block-size-zero", sparse(block_size=0), ValueError, ["block_size", "0"]),
     ("topk-negative", topk(top_k=-1), ValueError, ["top_k", "-1"]),
     ("topk-type", topk(top_k=1.0), TypeError, ["top_k", "float"]),
+    ("topk-huge", topk(top_k=2**63), ValueError, ["top_k", str(2**63)]),
     ("sinks-negative", topk(num_sink_blocks=-1), ValueError, ["num_sink_blocks", "-1"]),
     ("locals-type", topk(num_local_blocks=None), TypeError, ["num_local_blocks", "NoneType"]),
     # cross

@@ -26,11 +26,14 @@ class DifferentiableOp:
     """`inputs`: names of the differentiable tensor inputs (each may be None).
     `params`: (name, schema type) of the other arguments, e.g. ("causal", "bool").
     `fake(*inputs, **params)`: output tensors with the right shapes and dtypes.
+    `check_values(*inputs, **params)`: checks of tensor values (index ranges, signs), run in the
+    real implementation: there the values exist, in eager mode and in a compiled graph alike.
     """
 
     def __init__(self, name: str, inputs: Sequence[str], params: Sequence[Tuple[str, str]], num_outputs: int,
-                 fake: Callable[..., Tuple[Tensor, ...]]):
+                 fake: Callable[..., Tuple[Tensor, ...]], check_values: Optional[Callable[..., None]] = None):
         self.name = name
+        self._check_values = check_values
         self.inputs = tuple(inputs)
         self.param_names = tuple(p for p, _ in params)
         self._fake = fake
@@ -57,6 +60,8 @@ class DifferentiableOp:
 
     def _forward(self, *args):
         inputs, params, backend = self._split(args)
+        if self._check_values is not None:
+            self._check_values(*inputs, **params)
         outputs = getattr(dispatch.get(backend), f"{self.name}_forward")(inputs, **params)
         return tuple(o.contiguous() for o in outputs)
 

@@ -21,9 +21,16 @@ def _fake_cross_attention(q, k, v, **params):
             q.new_empty(q.shape[:-1], dtype=stat_dtype(q.dtype)))
 
 
+def _check_kv_lengths(q, k, v, *, kv_lengths, **params):
+    if kv_lengths is not None:
+        seq_k = k.shape[2]
+        validation.int_values_in("kv_lengths", kv_lengths, 0, seq_k, f"key counts between 0 and seq_k={seq_k}")
+
+
 _CROSS_ATTENTION = DifferentiableOp(
     "cross_attention", ("q", "k", "v"),
-    [("kv_lengths", "Tensor?"), ("key_padding_mask", "Tensor?"), ("scale", "float")], 2, _fake_cross_attention)
+    [("kv_lengths", "Tensor?"), ("key_padding_mask", "Tensor?"), ("scale", "float")], 2, _fake_cross_attention,
+    _check_kv_lengths)
 
 
 def _plan_cross_attention(q, k, v, *, kv_lengths=None, key_padding_mask=None, scale=None, return_lse=False,
@@ -37,7 +44,6 @@ def _plan_cross_attention(q, k, v, *, kv_lengths=None, key_padding_mask=None, sc
         if kv_lengths.shape[0] != batch or kv_lengths.device != q.device:
             raise ValueError(f"kv_lengths must have shape ({batch},) on {q.device}, "
                              f"got shape {tuple(kv_lengths.shape)} on {kv_lengths.device}")
-        validation.int_values_in("kv_lengths", kv_lengths, 0, seq_k, f"key counts between 0 and seq_k={seq_k}")
         features.add("kv_lengths")
     if key_padding_mask is not None:
         validation.tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))

@@ -30,10 +30,15 @@ def _fake_linear_attention(q, k, v, log_decay, state_s, state_z, *, feature_map,
             q.new_empty((b, hq, f), dtype=dtype))
 
 
+def _check_log_decay(q, k, v, log_decay, state_s, state_z, **params):
+    if log_decay is not None:
+        validation.float_values_at_most("log_decay", log_decay, 0.0)
+
+
 _LINEAR_ATTENTION = DifferentiableOp(
     "linear_attention", ("q", "k", "v", "log_decay", "state_s", "state_z"),
     [("causal", "bool"), ("feature_map", "str"), ("normalize", "bool"), ("scale", "float"), ("eps", "float")],
-    3, _fake_linear_attention)
+    3, _fake_linear_attention, _check_log_decay)
 
 
 def _apply_feature_map(feature_map, q, k):
@@ -67,7 +72,7 @@ def _log_decay(log_decay, q) -> Optional[torch.Tensor]:
         return None
     dtype = stat_dtype(q.dtype)
     if isinstance(log_decay, (int, float)) and not isinstance(log_decay, bool):
-        if not log_decay <= 0:
+        if not log_decay <= 0:  # also catches NaN
             raise ValueError(f"log_decay must be <= 0, got {log_decay}")
         return torch.full((), float(log_decay), dtype=dtype, device=q.device).expand(b, hq, s)
     validation.tensor("log_decay", log_decay, dtypes=validation.FLOAT_DTYPES)
@@ -80,7 +85,6 @@ def _log_decay(log_decay, q) -> Optional[torch.Tensor]:
     else:
         raise ValueError(f"log_decay must be a float, a (heads_q,) = ({hq},) tensor or a (batch, heads_q, seq) = "
                          f"({b}, {hq}, {s}) tensor, got shape {tuple(log_decay.shape)}")
-    validation.float_values_at_most("log_decay", log_decay, 0.0)
     return expanded.to(dtype)
 
 

@@ -21,6 +21,10 @@ class SDPAInputError(RuntimeError, ValueError):
     """An input `torch.nn.functional.scaled_dot_product_attention` would reject."""
 
 
+def _meta(x):
+    return None if x is None else torch.empty_like(x, device="meta")
+
+
 def _torch_checks(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> torch.Size:
     """Run torch's checks on meta copies; returns the output shape."""
     for name, x in (("query", query), ("key", key), ("value", value)):
@@ -31,30 +35,41 @@ def _torch_checks(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
     devices = {x.device for x in (query, key, value, attn_mask) if x is not None}
     if len(devices) > 1:
         raise SDPAInputError(f"query, key, value and attn_mask must be on one device, got {sorted(map(str, devices))}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise SDPAInputError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    meta = [None if x is None else torch.empty_like(x, device="meta") for x in (query, key, value, attn_mask)]
+    if not 0.0 <= dropout_p <= 1.0:
+        raise SDPAInputError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+    q, k, v, mask = (_meta(x) for x in (query, key, value, attn_mask))
     try:
-        out = F.scaled_dot_product_attention(*meta[:3], attn_mask=meta[3], is_causal=is_causal, scale=scale,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                              enable_gqa=enable_gqa)
-    except (RuntimeError, ValueError, TypeError) as error:
+        unmasked = F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa) if mask is not None else out
+    except TypeError:
+        raise
+    except (RuntimeError, ValueError) as error:
         raise SDPAInputError(str(error)) from error
+    if out.shape != unmasked.shape:
+        # torch writes into an output shaped by q, k, v: a mask may not make it larger
+        raise SDPAInputError(f"output with shape {list(unmasked.shape[:-1]) + [key.shape[-2]]} doesn't match the "
+                             f"broadcast shape {list(out.shape[:-1]) + [key.shape[-2]]}")
     return out.shape
 
 
-def _as_4d(x: torch.Tensor, batch: torch.Size) -> torch.Tensor:
-    """(..., H, L, E) -> (prod(batch), H, L, E); a view unless batch dims had to be broadcast and merged."""
+def _as_4d(x: torch.Tensor, batch: torch.Size, heads: int) -> torch.Tensor:
+    """(..., H, L, E) -> (prod(batch), heads, L, E); H is 1 or `heads`; a view unless batch dims must merge."""
     if x.dim() < 3:
         x = x[(None,) * (3 - x.dim())]
-    x = x.expand(batch + x.shape[-3:])
+    x = x.expand(batch + (heads,) + x.shape[-2:])
     return x.reshape((-1,) + x.shape[-3:]) if len(batch) != 1 else x
 
 
 def _to_attention_args(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
     """torch's arguments -> (q, k, v, keyword arguments of `attention`, output shape)."""
     out_shape = _torch_checks(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-    batch = out_shape[:-3]
-    q, k, v = (_as_4d(x, batch) for x in (query, key, value))
+    batch, heads = out_shape[:-3], (out_shape[-3] if len(out_shape) >= 3 else 1)
+    kv_heads = key.shape[-3] if key.dim() >= 3 else 1
+    if not enable_gqa or kv_heads == 1:
+        kv_heads = heads  # torch broadcasts a head dim of 1 (of q, k or v) to the others
+    q = _as_4d(query, batch, heads)
+    k, v = _as_4d(key, batch, kv_heads), _as_4d(value, batch, kv_heads)
     seq_q, seq_k = q.shape[2], k.shape[2]
     if is_causal and seq_q != seq_k:
         # torch aligns is_causal top-left; pyattn's causal is bottom-right, equal only when seq_q == seq_k
@@ -69,9 +84,19 @@ def _to_attention_args(query, key, value, attn_mask, dropout_p, is_causal, scale
     return q, k, v, kwargs, out_shape
 
 
+def _torch_edge_case(query, key, value, dropout_p) -> bool:
+    """Inputs pyattn's kernels do not take but torch answers: zero-sized head dims, dropout_p = 1."""
+    return query.shape[-1] == 0 or value.shape[-1] == 0 or dropout_p == 1.0 or (
+        query.dim() >= 3 and (query.shape[-3] == 0 or key.shape[-3] == 0))
+
+
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                                  enable_gqa=False):
     """Exactly `torch.nn.functional.scaled_dot_product_attention`, on pyattn's kernels."""
+    if _torch_edge_case(query, key, value, dropout_p):
+        _torch_checks(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     q, k, v, kwargs, out_shape = _to_attention_args(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                     enable_gqa)
     return attention(q, k, v, **kwargs).reshape(out_shape)

@@ -12,7 +12,6 @@ Query ``i`` sees key ``j`` iff ``j <= i + seq_k - seq_q`` (causal) and
 """
 from __future__ import annotations
 
-import torch
 
 from .. import dispatch, validation
 from ._common import dropout_seed, needs_grad, stat_dtype
@@ -33,10 +32,15 @@ def _fake_attention_varlen(q, k, v, **params):
 
 
 _ATTENTION = DifferentiableOp("attention", ("q", "k", "v", "attn_bias"), _PARAMS, 2, _fake_attention)
+def _check_varlen_values(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **params):
+    validation.cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
+    validation.cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
+
+
 _ATTENTION_VARLEN = DifferentiableOp(
     "attention_varlen", ("q", "k", "v"),
     [("cu_seqlens_q", "Tensor?"), ("cu_seqlens_k", "Tensor?"), ("max_seqlen_q", "int"),
-     ("max_seqlen_k", "int")] + _PARAMS, 2, _fake_attention_varlen)
+     ("max_seqlen_k", "int")] + _PARAMS, 2, _fake_attention_varlen, _check_varlen_values)
 
 
 def _common_params(causal, scale, window, softcap, dropout_p, return_lse, head_dim):
@@ -89,13 +93,11 @@ def _plan_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            scale=None, window=(-1, -1), softcap=0.0, dropout_p=0.0, return_lse=False,
                            backend=None):
     _, _, d, dv = validation.qkv(q, k, v, layout="thd")
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        validation.tensor(name, cu, ndim=1, dtypes=(torch.int32,))
+    validation.cu_seqlens("cu_seqlens_q", cu_seqlens_q, max_seqlen_q, "max_seqlen_q", q.device)
+    validation.cu_seqlens("cu_seqlens_k", cu_seqlens_k, max_seqlen_k, "max_seqlen_k", q.device)
     if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
         raise ValueError(f"cu_seqlens_k must have the length of cu_seqlens_q (batch + 1 = {cu_seqlens_q.shape[0]}),"
                          f" got {cu_seqlens_k.shape[0]}")
-    validation.cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q", q.device)
-    validation.cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k", q.device)
     params, features = _common_params(causal, scale, window, softcap, dropout_p, return_lse, d)
     request = dispatch.Request("attention_varlen", q.device, q.dtype, needs_grad(q, k, v), frozenset(features),
                                d, dv)

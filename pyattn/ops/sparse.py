@@ -22,10 +22,15 @@ def _fake_block_sparse(q, k, v, **params):
             q.new_empty(q.shape[:-1], dtype=stat_dtype(q.dtype)))
 
 
+def _check_block_indices(q, k, v, *, block_indices, block_size, **params):
+    nkb = _num_blocks(k.shape[2], block_size)
+    validation.int_values_in("block_indices", block_indices, -1, nkb - 1, f"-1 or a key block index < {nkb}")
+
+
 _BLOCK_SPARSE = DifferentiableOp(
     "block_sparse_attention", ("q", "k", "v"),
     [("block_indices", "Tensor?"), ("block_size", "int"), ("causal", "bool"), ("scale", "float")],
-    2, _fake_block_sparse)
+    2, _fake_block_sparse, _check_block_indices)
 
 
 def _num_blocks(length: int, block_size: int) -> int:
@@ -59,13 +64,12 @@ def _plan_block_sparse_attention(q, k, v, block_indices, *, block_size=64, causa
     causal = validation.flag("causal", causal)
     validation.flag("return_lse", return_lse)
     validation.tensor("block_indices", block_indices, ndim=4, dtypes=(torch.int32,))
-    nqb, nkb = _num_blocks(q.shape[2], block_size), _num_blocks(k.shape[2], block_size)
+    nqb = _num_blocks(q.shape[2], block_size)
     if tuple(block_indices.shape[:3]) != (q.shape[0], hkv, nqb):
         raise ValueError(f"block_indices must have shape (batch, heads_kv, ceil(seq_q / block_size), n_sel) = "
                          f"({q.shape[0]}, {hkv}, {nqb}, n_sel), got {tuple(block_indices.shape)}")
     if block_indices.device != q.device:
         raise ValueError(f"block_indices must be on the device of q ({q.device}), got {block_indices.device}")
-    validation.int_values_in("block_indices", block_indices, -1, nkb - 1, f"-1 or a key block index < {nkb}")
     features = {"causal"} if causal else set()
     request = dispatch.Request("block_sparse_attention", q.device, q.dtype, needs_grad(q, k, v),
                                frozenset(features), d, dv)
