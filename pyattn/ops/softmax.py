@@ -12,7 +12,6 @@ Query ``i`` sees key ``j`` iff ``j <= i + seq_k - seq_q`` (causal) and
 """
 from __future__ import annotations
 
-
 from .. import dispatch, validation
 from ._common import dropout_seed, needs_grad, stat_dtype
 from ._custom_op import DifferentiableOp
