@@ -42,9 +42,7 @@ def _torch_checks(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                              enable_gqa=enable_gqa)
         unmasked = F.scaled_dot_product_attention(q, k, v, enable_gqa=enable_gqa) if mask is not None else out
-    except TypeError:
-        raise
-    except (RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError) as error:  # torch's TypeErrors pass through as they are
         raise SDPAInputError(str(error)) from error
     if out.shape != unmasked.shape:
         # torch writes into an output shaped by q, k, v: a mask may not make it larger

@@ -31,6 +31,8 @@ def _fake_attention_varlen(q, k, v, **params):
 
 
 _ATTENTION = DifferentiableOp("attention", ("q", "k", "v", "attn_bias"), _PARAMS, 2, _fake_attention)
+
+
 def _check_varlen_values(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **params):
     validation.cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
     validation.cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
