@@ -41,6 +41,8 @@ __all__ = [
     "attention",
     "attention_varlen",
     "dropout_keep_mask",
+    "dropout_keep_mask_varlen",
+    "philox_uint32",
     "linear_attention",
     "linear_attention_recurrent",
     "block_sparse_attention",
@@ -138,25 +140,73 @@ def _softmax_attention(q, k, v, *, scale, causal=False, window=(-1, -1), softcap
     return probs @ v, lse
 
 
-def _keep_mask(generator: torch.Generator, shape, p: float, device) -> torch.Tensor:
-    return (torch.rand(tuple(shape), generator=generator, dtype=torch.float32) >= p).to(device)
-
-
 def _seed_from_global_generator() -> int:
     return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64).item())
 
 
 # --------------------------------------------------------------------------- 1. softmax
 
-def dropout_keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
-    """The dropout keep mask every backend reproduces, as a bool tensor of `shape`.
+_MASK32 = 0xFFFFFFFF
+_PHILOX_ROUND = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY_STEP = (0x9E3779B9, 0xBB67AE85)
 
-    Draws `torch.rand(shape, dtype=float32)` on a CPU `torch.Generator` seeded
-    with `seed` and keeps the entries `>= p` (so each is kept with probability
-    `1 - p`), then moves the mask to `device`.
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of the 64-bit product of the 32-bit constant `a` and int64 tensor `b` (< 2**32),
+    computed in int64 without overflow by splitting `b` into 16-bit halves."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    lo_part, hi_part = a * b_lo, a * b_hi  # each < 2**48
+    hi = (hi_part + (lo_part >> 16)) >> 16
+    lo = ((hi_part << 16) + lo_part) & _MASK32
+    return hi, lo
+
+
+def philox_uint32(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Philox4x32-10 (Salmon et al. 2011), first output word, as int64 tensor in [0, 2**32).
+
+    Key ``(seed & 0xFFFFFFFF, seed >> 32)``; counter ``(offset & 0xFFFFFFFF, offset >> 32, 0, 0)``
+    for each int64 offset. This is what Triton's ``tl.randint(seed, offset)`` returns for an
+    int64 offset, and what the C++ kernels compute.
     """
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    return _keep_mask(generator, shape, p, device)
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    k0, k1 = seed & _MASK32, seed >> 32
+    c0, c1 = offsets & _MASK32, (offsets >> 32) & _MASK32
+    c2, c3 = torch.zeros_like(offsets), torch.zeros_like(offsets)
+    for _ in range(10):
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND[0], c0)
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND[1], c2)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_STEP[0]) & _MASK32, (k1 + _PHILOX_KEY_STEP[1]) & _MASK32
+    return c0
+
+
+def dropout_threshold(p: float) -> int:
+    """Entries whose 24-bit draw ``philox >> 8`` is at least this are kept (probability ~ 1 - p)."""
+    return math.ceil(p * (1 << 24))
+
+
+def dropout_keep_from_offsets(seed: int, offsets: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep mask for int64 counter `offsets`: ``(philox_uint32(seed, offset) >> 8) >= dropout_threshold(p)``."""
+    return (philox_uint32(seed, offsets) >> 8) >= dropout_threshold(p)
+
+
+def dropout_keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
+    """The dropout keep mask every backend reproduces in-kernel, as a bool tensor of `shape` (B, H, Sq, Sk).
+
+    Entry ``(b, h, i, j)`` draws Philox with counter ``offset = ((b * H + h) * Sq + i) * Sk + j``
+    (`philox_uint32`) and is kept iff its top 24 bits are ``>= ceil(p * 2**24)``.
+    """
+    offsets = torch.arange(math.prod(shape), dtype=torch.int64, device=device).reshape(tuple(shape))
+    return dropout_keep_from_offsets(seed, offsets, p)
+
+
+def dropout_keep_mask_varlen(seed: int, heads: int, total_q: int, total_k: int, rows_q: torch.Tensor,
+                             rows_k: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep mask (heads, len(rows_q), len(rows_k)) of one packed sequence whose rows in the packed q and k
+    are `rows_q`, `rows_k`: counter ``offset = (h * total_q + row_q) * total_k + row_k``."""
+    h = torch.arange(heads, dtype=torch.int64, device=rows_q.device)[:, None, None]
+    offsets = (h * total_q + rows_q.long()[None, :, None]) * total_k + rows_k.long()[None, None, :]
+    return dropout_keep_from_offsets(seed, offsets, p)
 
 
 def attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softcap=0.0,
@@ -202,21 +252,17 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     `cu_seqlens_q[-1]` belong to no sequence: zeros, lse -inf. `max_seqlen_*`
     are hints for kernels and are not used here.
 
-    Dropout: ONE CPU `torch.Generator` is seeded once with `dropout_seed`, and
-    for b = 0, 1, ... in order the keep mask of sequence b is drawn from it as
-    `torch.rand((Hq, sq_b, sk_b), dtype=float32) >= dropout_p` (no draw is
-    skipped or added for empty sequences beyond what `torch.rand` does for an
-    empty shape, which is nothing).
+    Dropout: `dropout_keep_mask_varlen`, a Philox counter per (head, packed q row,
+    packed k row), so the mask does not depend on how the batch is split.
     """
     cdt = _compute_dtype(q)
     scale = _default_scale(scale, q.shape[-1])
     num_q_heads, dim_v = q.shape[1], v.shape[-1]
     starts_q = [int(x) for x in cu_seqlens_q.tolist()]
     starts_k = [int(x) for x in cu_seqlens_k.tolist()]
-    generator = None
+    seed = None
     if dropout_p > 0:
         seed = _seed_from_global_generator() if dropout_seed is None else dropout_seed
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
 
     outs, lses = [], []
     for b in range(len(starts_q) - 1):
@@ -225,8 +271,11 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         k_b = k[starts_k[b]:starts_k[b + 1]].to(cdt).transpose(0, 1)[None]
         v_b = v[starts_k[b]:starts_k[b + 1]].to(cdt).transpose(0, 1)[None]
         keep = None
-        if generator is not None:
-            keep = _keep_mask(generator, (num_q_heads, q_b.shape[2], k_b.shape[2]), dropout_p, q.device)[None]
+        if seed is not None:
+            rows_q = torch.arange(starts_q[b], starts_q[b + 1], device=q.device)
+            rows_k = torch.arange(starts_k[b], starts_k[b + 1], device=q.device)
+            keep = dropout_keep_mask_varlen(seed, num_q_heads, q.shape[0], k.shape[0], rows_q, rows_k,
+                                            dropout_p)[None]
         out_b, lse_b = _softmax_attention(q_b, k_b, v_b, scale=scale, causal=causal, window=tuple(window),
                                           softcap=softcap, keep=keep, dropout_p=dropout_p)
         outs.append(out_b[0].transpose(0, 1))  # (s, H, Dv)

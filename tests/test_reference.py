@@ -235,8 +235,20 @@ def test_dropout_keep_mask_is_deterministic_with_expected_rate():
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert abs(a.float().mean().item() - (1 - p)) < 0.01
     assert ref.dropout_keep_mask(0, shape, 0.0, "cpu").all()
-    expected = torch.rand(shape, generator=_gen(1234)) >= p
-    assert torch.equal(a, expected)
+    # Philox4x32-10 known answer (Random123's kat_vectors: key 0, counter 0 -> first word 0x6627e8d5)
+    assert int(ref.philox_uint32(0, torch.zeros(1, dtype=torch.int64))[0]) == 0x6627E8D5
+    # Entry (b, h, i, j) draws counter ((b * H + h) * Sq + i) * Sk + j and keeps its top 24 bits >= p * 2**24
+    b, h, i, j = 1, 2, 30, 41
+    offset = ((b * shape[1] + h) * shape[2] + i) * shape[3] + j
+    draw = int(ref.philox_uint32(1234, torch.tensor([offset]))[0])
+    assert bool(a[b, h, i, j]) == ((draw >> 8) >= math.ceil(p * 2 ** 24))
+
+
+def test_philox_uses_both_seed_and_offset_words():
+    offsets = torch.tensor([0, 1, 2 ** 32, 2 ** 40 + 3], dtype=torch.int64)
+    draws = ref.philox_uint32(7, offsets)
+    assert len(set(draws.tolist())) == 4 and all(0 <= d < 2 ** 32 for d in draws.tolist())
+    assert not torch.equal(draws, ref.philox_uint32(7 + 2 ** 32, offsets))  # the seed's high word counts
 
 
 def test_attention_dropout():
@@ -302,16 +314,19 @@ def test_attention_varlen_matches_per_sequence(opt):
     _assert_all_close(_grads([out, lse], [q, k, v], seed=4), _grads([want_out, want_lse], [q, k, v], seed=4))
 
 
-def test_attention_varlen_dropout_draws_per_sequence_from_one_generator():
+def test_attention_varlen_dropout_uses_packed_row_counters():
     lens, heads, dim, p, seed = [3, 0, 4], 2, 4, 0.4, 17
     cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
     q, k, v = (_randn(sum(lens), heads, dim, seed=s) for s in (1, 2, 3))
     out = ref.attention_varlen(q, k, v, cu, cu, 4, 4, causal=True, dropout_p=p, dropout_seed=seed)
-    generator = _gen(seed)
+    total = sum(lens)
     outs = []
     for b, n in enumerate(lens):
         rows = slice(cu[b], cu[b + 1])
-        keep = (torch.rand(heads, n, n, generator=generator) >= p)[None]
+        # entry (h, i, j) of sequence b draws counter (h * total_q + cu[b] + i) * total_k + cu[b] + j
+        h, i, j = torch.meshgrid(torch.arange(heads), torch.arange(n), torch.arange(n), indexing="ij")
+        offsets = (h * total + cu[b] + i) * total + cu[b] + j
+        keep = ((ref.philox_uint32(seed, offsets.long()) >> 8) >= math.ceil(p * 2 ** 24))[None]
         o, _ = naive_attention(*(x[rows].transpose(0, 1)[None] for x in (q, k, v)),
                                causal=True, keep=keep, dropout_p=p)
         outs.append(o[0].transpose(0, 1))
