@@ -4,6 +4,9 @@ A backend is a module with:
 
 * ``NAME``; ``DEFAULT_OK``: whether ``backend=None`` may pick it (kernels not
   yet verified on real hardware are only run when named);
+* optionally ``not_default(request) -> str | None``: why ``backend=None`` should
+  pass it over for this call although it could run it (Triton on CPU tensors
+  runs under the slow interpreter: a debugging aid, not a fast path);
 * ``unavailable() -> str | None``: why it cannot run anything here;
 * ``cannot_run(request) -> str | None``: why it cannot run this call;
 * ``kernel(request) -> str``: the kernel that would run, for ``explain``;
@@ -109,6 +112,8 @@ def choose(request: Request, backend: Optional[str]) -> Plan:
         why = _why_not(name, request)
         if why is None and not _MODULES[name].DEFAULT_OK:
             why = "not verified on hardware yet; only used when named"
+        if why is None and hasattr(_MODULES[name], "not_default"):
+            why = _MODULES[name].not_default(request)
         if why is None:
             return Plan(request.op, name, _MODULES[name].kernel(request), tuple(passed_over))
         passed_over.append((name, why))
