@@ -5,7 +5,7 @@ backend (``pyattn.backends()``): fused softmax attention, linear-recurrent
 attention, retrieval-sparse attention and cross-attention. The public
 contract is ``shared/API.md``.
 """
-from . import feature_maps, reference
+from . import feature_maps, integrations, nn, reference
 from .dispatch import backends
 from .explain import explain
 from .ops.cross import cross_attention
@@ -20,5 +20,5 @@ __version__ = "0.1.0"
 __all__ = [
     "attention", "attention_varlen", "scaled_dot_product_attention", "linear_attention",
     "block_sparse_attention", "topk_attention", "cross_attention", "RetrievalKVCache",
-    "backends", "explain", "feature_maps", "reference",
+    "backends", "explain", "feature_maps", "integrations", "nn", "reference",
 ]

@@ -141,8 +141,7 @@ def broadcastable(name: str, x: torch.Tensor, shape: Sequence[int]) -> None:
 
 def attn_bias(x, shape, dtype: torch.dtype, device: torch.device) -> None:
     """Float bias (q's dtype or float32) or bool mask, broadcastable to `shape`."""
-    allowed = (torch.bool, dtype, torch.float32) if dtype != torch.float64 else (torch.bool, torch.float64)
-    tensor("attn_bias", x, dtypes=tuple(dict.fromkeys(allowed)))
+    tensor("attn_bias", x, dtypes=tuple(dict.fromkeys((torch.bool, dtype, torch.float32))))
     if x.device != device:
         raise ValueError(f"attn_bias must be on the device of q ({device}), got {x.device}")
     broadcastable("attn_bias", x, shape)

@@ -86,3 +86,15 @@ def test_dropout_keeps_expectation():
     a = pyattn.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
     torch.manual_seed(3)
     assert torch.equal(a, pyattn.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
+
+
+def test_float32_mask_with_float64_inputs_like_torch():
+    q = rand(1, 2, 5, 8)
+    mask = torch.randn(5, 5, requires_grad=True)
+    out = pyattn.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    want = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert out.dtype == want.dtype == torch.float64
+    assert_close(out, want, torch.float64)
+    (got_q, got_mask), (want_q, want_mask) = (torch.autograd.grad(o.sum(), (q, mask)) for o in (out, want))
+    assert_close(got_q, want_q, torch.float64)
+    assert_close(got_mask, want_mask, torch.float32)
