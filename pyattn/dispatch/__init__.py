@@ -75,11 +75,15 @@ def get(name: str):
     return _MODULES[name]
 
 
-@torch.compiler.assume_constant_result
 def _unavailable(name: str) -> Optional[str]:
     # Probing imports and compiled modules is host work torch.compile need not trace: it is
     # constant for the process, so dynamo calls it once and keeps the answer.
     return _MODULES[name].unavailable()
+
+
+# What torch.compiler.assume_constant_result does, without the 4 s import of torch._dynamo it
+# costs every `import pyattn` (tests/test_compile.py fails if torch stops honouring the mark).
+_unavailable._dynamo_marked_constant = True
 
 
 def backends() -> Dict[str, BackendStatus]:
