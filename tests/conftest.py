@@ -1,7 +1,11 @@
 """Test harness: the Triton interpreter without a GPU, the `gpu` marker, NaN-poisoned buffers."""
 import os
 
-import torch
+# The interpreter's tl.dot is a small numpy matmul; multithreaded OpenBLAS on a busy 2-core machine
+# spends ~30 ms on each. Set before torch imports numpy.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 # Must happen before anything imports triton: kernels then run on CPU tensors through Triton's interpreter.
 if not torch.cuda.is_available():
