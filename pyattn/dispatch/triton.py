@@ -54,7 +54,9 @@ def not_default(request) -> Optional[str]:
 def kernel(request) -> str:
     if request.op == "attention_varlen":
         return "pyattn.kernels.softmax varlen flash attention (Triton)"
-    return "pyattn.kernels.softmax flash attention (Triton)"
+    # The Request carries no sequence lengths, so both forward kernels are named.
+    return ("pyattn.kernels.softmax flash attention (Triton); flash-decoding (split keys) forward when "
+            "seq_q <= 16, seq_k >= 256 and no dropout")
 
 
 def _launcher():
@@ -69,18 +71,22 @@ def _flags(causal, scale, window_left, window_right, softcap, dropout_p) -> dict
 
 
 def _use_decode(q: torch.Tensor, k: torch.Tensor, params: dict) -> bool:
-    """Whether `attention_forward` hands this call to the flash-decoding kernel
-    (``kernels/softmax/decode.py``: few queries, keys split across programs). The lead hooks it in."""
-    return False
+    """Few queries over many keys: the flash-decoding kernel splits the keys across programs, so a
+    decoding step fills the GPU; it reads each kv head once for its whole query-head group."""
+    return q.shape[2] <= 16 and k.shape[2] >= 256 and params["dropout_p"] == 0.0
 
 
 def attention_forward(inputs, *, dropout_seed, causal, scale, window_left, window_right, softcap, dropout_p):
     q, k, v, attn_bias = inputs
     params = _flags(causal, scale, window_left, window_right, softcap, dropout_p)
+    if _use_decode(q, k, params):
+        from ..launchers import triton_decode
+
+        return triton_decode.attention_decode_forward(q, k, v, attn_bias, scale=scale, causal=causal,
+                                                      window_left=window_left, window_right=window_right,
+                                                      softcap=softcap)
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    if _use_decode(q, k, params):  # the flash-decoding launcher is hooked in here
-        raise NotImplementedError("the flash-decoding kernel (kernels/softmax/decode.py) is not hooked in yet")
     _launcher().softmax_forward(q, k, v, attn_bias, dropout_seed, out, lse, **params)
     return out, lse
 
