@@ -21,7 +21,6 @@ import pytest
 import torch
 
 import pyattn
-
 from pyattn.reference import attention as reference_attention
 from pyattn.testing import assert_close, assert_close_relative
 
