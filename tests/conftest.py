@@ -12,6 +12,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+# Imported here, not first by a test under poison_empty: dynamo would keep the NaN-filling torch.empty.
+import torch._dynamo  # noqa: E402,F401
 
 
 def pytest_configure(config):

@@ -1,10 +1,12 @@
-"""The C++ CPU softmax attention forward (pyattn._C through its launcher) against the
-float64 reference, `pyattn.reference.attention`.
+"""The C++ CPU softmax attention (pyattn._C), forward and backward, against the float64
+reference (`pyattn.reference`).
 
-Tolerance: `pyattn.testing.assert_close` with float32's rule at factor 0.5, i.e.
-atol 1e-5, rtol 1e-4 against float64 (the kernel accumulates in float32; its errors
-measure ~1e-6 on these sizes). lse is checked the same way, and its -inf entries
-(rows that see no key) must match exactly. Output buffers are NaN-poisoned first.
+Two rules: the launcher-level forward tests use `pyattn.testing.assert_close` with float32's
+rule at factor 0.5 (atol 1e-5, rtol 1e-4; the kernel accumulates in float32, its errors
+measure ~1e-6 here); the public-API tests (`pyattn.attention(..., backend="cpu")`, forward
+and backward) use `assert_close_relative`: the kernel's error against the float64 reference
+is at most twice that of the reference backend run in the kernel's dtype (plus that dtype's
+atol). lse -inf entries must match exactly. Output buffers are NaN-poisoned first.
 """
 from __future__ import annotations
 
@@ -15,10 +17,15 @@ import time
 
 import pytest
 import torch
+# Imported now, not by the first pyattn op inside a poison_empty test: dynamo records torch's
+# functions when it is first imported, and would record the poisoned torch.empty_like.
+import torch._dynamo  # noqa: F401
 
+import pyattn
 from pyattn import _extension
 from pyattn.reference import attention as reference_attention
-from pyattn.testing import assert_close
+from pyattn.reference import dropout_keep_mask, dropout_threshold, philox_uint32
+from pyattn.testing import assert_close, assert_close_relative
 
 C = _extension.load_cpu()
 pytestmark = pytest.mark.skipif(C is None, reason=f"{_extension.cpu_unavailable_reason()}")
@@ -243,3 +250,404 @@ def test_runs_in_forked_child():
             pytest.fail("the kernel hung in a forked child")
         time.sleep(0.05)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+# ------------------------------------------------------------------ public API, forward and backward
+
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# B, Hq, Hkv, Sq, Sk, D, Dv: odd lengths, Sq < Sk and Sq > Sk, GQA / MQA, Dv != D
+GRAD_SHAPES = [
+    (1, 2, 2, 1, 1, 16, 16),
+    (2, 2, 2, 37, 37, 64, 64),
+    (1, 4, 2, 97, 130, 80, 80),   # GQA, several key blocks
+    (1, 4, 1, 130, 37, 16, 16),   # MQA, Sq > Sk: causal rows before Sq - Sk see nothing
+    (2, 6, 3, 97, 61, 64, 48),    # Dv != D
+    (1, 8, 2, 3, 150, 64, 64),    # decoding-like
+]
+GRAD_MASKS = ["full", "causal", "win16-3", "cap5", "causal-cap30-win40"]
+
+
+def rand_qkv(shape, dtype, *, layout="bhsd", seed=0, grad=True):
+    q, k, v = make_inputs(shape, layout, seed)
+    return [x.to(dtype).requires_grad_(grad) for x in (q, k, v)]
+
+
+def as64(x):
+    if x is None or not x.is_floating_point():
+        return x
+    return x.detach().double().requires_grad_(x.requires_grad)
+
+
+def with_grads(out, lse, inputs, lse_grad=True):
+    """[out, lse, gradients of `inputs` that require grad] for fixed random upstream gradients of out and lse."""
+    gen = torch.Generator().manual_seed(123)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    loss = (out * dout).sum()
+    if lse_grad:
+        dlse = torch.randn(lse.shape, generator=gen, dtype=torch.float64).to(lse.dtype)
+        loss = loss + (torch.where(torch.isinf(lse), 0, lse) * dlse).sum()
+    wrt = [x for x in inputs if x is not None and x.requires_grad]
+    return [out, lse, *(torch.autograd.grad(loss, wrt) if wrt else ())]
+
+
+def forward_backward(q, k, v, *, backend, attn_bias=None, seed=0, lse_grad=True, **kwargs):
+    """out, lse and the gradients of q, k, v (and a float attn_bias)."""
+    torch.manual_seed(seed)  # the dropout seed
+    out, lse = pyattn.attention(q, k, v, attn_bias=attn_bias, return_lse=True, backend=backend, **kwargs)
+    return with_grads(out, lse, (q, k, v, attn_bias), lse_grad)
+
+
+NAMES = ["out", "lse", "dq", "dk", "dv", "dbias"]
+
+
+def check_against_reference(q, k, v, attn_bias=None, **kwargs):
+    """The cpu backend vs the float64 reference, error bounded by the reference run in the inputs' dtype."""
+    ours = forward_backward(q, k, v, backend="cpu", attn_bias=attn_bias, **kwargs)
+    ref64 = forward_backward(as64(q), as64(k), as64(v), backend="reference", attn_bias=as64(attn_bias), **kwargs)
+    base = forward_backward(q, k, v, backend="reference", attn_bias=attn_bias, **kwargs)
+    assert len(ours) == len(ref64) == len(base)
+    for name, a, r, b in zip(NAMES, ours, ref64, base):
+        assert a.dtype == b.dtype, name
+        assert not torch.isnan(a).any(), f"{name} has NaN"
+        assert_close_relative(a, r, b, name=name)
+    return ours
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mask", GRAD_MASKS)
+@pytest.mark.parametrize("shape", GRAD_SHAPES, ids=shape_id)
+def test_backward_matches_reference(shape, mask, dtype, poison_empty):
+    causal, window, softcap = MASKS[mask]
+    q, k, v = rand_qkv(shape, dtype, layout="bshd")
+    check_against_reference(q, k, v, causal=causal, window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("mask", ["full", "causal", "cap5"])
+def test_float16(mask, poison_empty):
+    causal, window, softcap = MASKS[mask]
+    q, k, v = rand_qkv((1, 4, 2, 97, 130, 64, 64), torch.float16)
+    check_against_reference(q, k, v, causal=causal, window=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_half_conversions_exact(dtype):
+    """With one key the output is v itself: every 16-bit pattern survives widening and rounding back
+    (NaN stays NaN; -0 comes back as +0, the sum it goes through starts at +0). With two equal keys it
+    is (v1 + v2) / 2, exact in float32: the rounding to 16 bits is to nearest even, as torch's."""
+    patterns = torch.arange(0, 65536, dtype=torch.int32).to(torch.int16).view(dtype).reshape(1, 1, 1, -1)
+    zeros = torch.zeros(1, 1, 1, 4, dtype=dtype)
+    out = torch.empty_like(patterns)
+    softmax_forward(zeros, zeros, patterns, out, None, scale=1.0, causal=False, window_left=-1, window_right=-1,
+                    softcap=0.0)
+    nan = torch.isnan(patterns)
+    assert bool(torch.isnan(out[nan]).all())
+    assert torch.equal(out[~nan], patterns[~nan])  # compares values: -0 == +0
+    gen = torch.Generator().manual_seed(15)
+    v = torch.randint(-32768, 32768, (1, 1, 2, 50000), generator=gen, dtype=torch.int32).to(torch.int16).view(dtype)
+    v = torch.where(torch.isfinite(v), v, torch.zeros((), dtype=dtype))
+    out = torch.empty(1, 1, 1, 50000, dtype=dtype)
+    softmax_forward(zeros, torch.zeros(1, 1, 2, 4, dtype=dtype), v, out, None, scale=1.0, causal=False,
+                    window_left=-1, window_right=-1, softcap=0.0)
+    assert torch.equal(out[0, 0, 0], ((v[0, 0, 0].float() + v[0, 0, 1].float()) * 0.5).to(dtype))
+
+
+def test_backward_long_causal_and_scale():
+    """Many key blocks and query tiles: the skipped, partial and full blocks of a causal mask."""
+    q, k, v = rand_qkv((1, 2, 1, 257, 400, 64, 64), torch.float32, seed=3)
+    check_against_reference(q, k, v, causal=True, scale=0.3)
+    check_against_reference(q, k, v, window=(70, 10), scale=0.3)
+
+
+def test_backward_some_inputs_without_grad():
+    """Only k requires grad; and with return_lse=False the lse gradient is zero."""
+    q, k, v = rand_qkv((1, 2, 2, 40, 50, 32, 32), torch.float32)
+    q.requires_grad_(False)
+    v.requires_grad_(False)
+    check_against_reference(q, k, v, causal=True, lse_grad=False)
+
+
+# attn_bias shapes, broadcast to (B=2, Hq=4, Sq=37, Sk=70)
+BIAS_SHAPES = {"full": (2, 4, 37, 70), "2d": (37, 70), "heads-keys": (1, 4, 1, 70), "batch-queries": (2, 1, 37, 1),
+               "keys": (70,)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mask", ["full", "causal", "causal-cap30-win40"])
+@pytest.mark.parametrize("bias_shape", list(BIAS_SHAPES))
+def test_float_bias_with_grad(bias_shape, mask, dtype, poison_empty):
+    causal, window, softcap = MASKS[mask]
+    q, k, v = rand_qkv((2, 4, 2, 37, 70, 64, 64), dtype)
+    gen = torch.Generator().manual_seed(5)
+    bias = (2 * torch.randn(BIAS_SHAPES[bias_shape], generator=gen)).to(dtype).requires_grad_()
+    check_against_reference(q, k, v, attn_bias=bias, causal=causal, window=window, softcap=softcap)
+
+
+def test_expanded_bias_stride0():
+    """A bias expanded to the full shape (stride 0 on its broadcast dims), -inf entries, no grad."""
+    q, k, v = rand_qkv((2, 4, 4, 33, 65, 16, 16), torch.float32)
+    gen = torch.Generator().manual_seed(6)
+    bias = torch.randn(1, 4, 1, 65, generator=gen)
+    bias[..., :3] = float("-inf")
+    bias = bias.expand(2, 4, 33, 65)
+    assert bias.stride(0) == 0 and bias.stride(2) == 0
+    check_against_reference(q, k, v, attn_bias=bias)
+    check_against_reference(*[x.to(torch.bfloat16).detach().requires_grad_() for x in (q, k, v)],
+                            attn_bias=bias.to(torch.bfloat16), causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_bool_mask_and_fully_masked_rows(dtype, poison_empty):
+    """True = keep; rows the mask hides entirely output zeros, lse -inf, zero gradients (no NaN)."""
+    q, k, v = rand_qkv((2, 4, 2, 45, 80, 32, 32), dtype)
+    gen = torch.Generator().manual_seed(7)
+    keep = torch.rand(2, 1, 45, 80, generator=gen) > 0.4
+    keep[:, :, 5:9] = False
+    out, lse, dq, dk, dv = check_against_reference(q, k, v, attn_bias=keep, causal=True)
+    assert torch.equal(out[:, :, 5:9], torch.zeros_like(out[:, :, 5:9]))
+    assert bool(torch.isneginf(lse[:, :, 5:9]).all())
+    assert torch.equal(dq[:, :, 5:9], torch.zeros_like(dq[:, :, 5:9]))
+
+
+def test_rows_without_keys_have_zero_grads(poison_empty):
+    """Sq > Sk with the causal mask and a (0, 0) window: rows before Sq - Sk see nothing."""
+    q, k, v = rand_qkv((1, 2, 2, 40, 10, 16, 16), torch.float32)
+    for mask in [dict(causal=True), dict(window=(0, 0))]:
+        out, lse, dq, dk, dv = check_against_reference(q, k, v, **mask)
+        assert torch.equal(dq[:, :, :30], torch.zeros(1, 2, 30, 16))
+        assert bool(torch.isneginf(lse[:, :, :30]).all())
+
+
+@pytest.mark.parametrize("case", ["Sq0", "Sk0", "B0", "Sq0-Sk0"])
+def test_empty_backward(case, poison_empty):
+    sq, sk, b = {"Sq0": (0, 9, 1), "Sk0": (7, 0, 1), "B0": (5, 5, 0), "Sq0-Sk0": (0, 0, 1)}[case]
+    q, k, v = rand_qkv((b, 4, 2, sq, sk, 16, 8), torch.float32)
+    out, lse, dq, dk, dv = forward_backward(q, k, v, backend="cpu", causal=True)
+    assert out.shape == (b, 4, sq, 8) and lse.shape == (b, 4, sq)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    for x in (out, dq, dk, dv):
+        assert torch.equal(x, torch.zeros_like(x))
+    assert bool(torch.isneginf(lse).all())
+
+
+def test_noncontiguous_and_broadcast_inputs(poison_empty):
+    """(B, S, H, D) buffers seen through .transpose(1, 2), k / v expanded over the batch (stride 0),
+    a non-contiguous upstream gradient."""
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 50, 4, 32, generator=gen).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, 2, 70, 32, generator=gen).expand(2, 2, 70, 32).requires_grad_()
+    v = torch.randn(1, 70, 2, 24, generator=gen).transpose(1, 2).expand(2, 2, 70, 24).requires_grad_()
+    assert k.stride(0) == 0 and not q.is_contiguous()
+    check_against_reference(q, k, v, causal=True)
+    out = pyattn.attention(q, k, v, backend="cpu")
+    dout = torch.randn(2, 24, 50, 4, generator=gen).permute(0, 3, 2, 1)
+    ours = torch.autograd.grad(out, (q, k, v), dout)
+    q64, k64, v64 = (as64(x) for x in (q, k, v))
+    ref = torch.autograd.grad(pyattn.attention(q64, k64, v64, backend="reference"), (q64, k64, v64), dout.double())
+    for name, a, r in zip(["dq", "dk", "dv"], ours, ref):
+        assert_close(a, r, torch.float32, name=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_decoding_splits_keys(dtype, poison_empty):
+    """Fewer query blocks than threads: the forward splits the keys and merges the parts by their lse
+    (ranges with no visible key, under a window, included)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for shape, mask in [((1, 8, 1, 1, 2100, 64, 64), "full"), ((1, 8, 2, 3, 1500, 64, 48), "causal"),
+                            ((1, 2, 2, 1, 700, 16, 16), "win16-3")]:
+            causal, window, softcap = MASKS[mask]
+            q, k, v = rand_qkv(shape, dtype)
+            gen = torch.Generator().manual_seed(14)
+            bias = torch.randn(shape[3], shape[4], generator=gen).to(dtype)
+            check_against_reference(q, k, v, causal=causal, window=window, softcap=softcap)
+            check_against_reference(q, k, v, attn_bias=bias, dropout_p=0.3, causal=causal, window=window)
+    finally:
+        torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------ dropout
+
+
+def kernel_keep_mask(seed, p, b, h, sq, sk):
+    """The kernel's keep mask: with v the identity, out[.., i, j] = P_ij * keep / (1 - p) and P_ij > 0."""
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(b, h, sq, 16, generator=gen) * 0.1
+    k = torch.randn(b, h, sk, 16, generator=gen) * 0.1
+    v = torch.eye(sk).expand(b, h, sk, sk)
+    out = torch.full((b, h, sq, sk), float("nan"))
+    softmax_forward(q, k, v, out, None, scale=0.25, causal=False, window_left=-1, window_right=-1, softcap=0.0,
+                    dropout_p=p, dropout_seed=seed)
+    assert not torch.isnan(out).any()
+    return out != 0
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**62 + 977, -5])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_is_the_reference_mask(seed, p):
+    expected = dropout_keep_mask(seed & (2**64 - 1), (2, 3, 37, 70), p, "cpu")
+    assert torch.equal(kernel_keep_mask(seed, p, 2, 3, 37, 70), expected)
+
+
+def test_philox_known_answer():
+    assert int(philox_uint32(0, torch.tensor([0]))) == 0x6627E8D5
+    assert torch.equal(kernel_keep_mask(0, 0.5, 1, 1, 1, 1), dropout_keep_mask(0, (1, 1, 1, 1), 0.5, "cpu"))
+
+
+def test_dropout_counters_past_32_bits():
+    """Counters (offset) above 2**32: a (0, 0) window over Sq = Sk = 70000 makes query i see key i only,
+    with offset i * Sk + i up to 4.9e9, so out[i] = keep / (1 - p) exactly."""
+    n, p, seed = 70000, 0.5, 2**40 + 3
+    gen = torch.Generator().manual_seed(10)
+    q, k = torch.randn(1, 1, n, 16, generator=gen), torch.randn(1, 1, n, 16, generator=gen)
+    v = torch.ones(1, 1, n, 1)
+    out = torch.full((1, 1, n, 1), float("nan"))
+    softmax_forward(q, k, v, out, None, scale=0.25, causal=False, window_left=0, window_right=0, softcap=0.0,
+                    dropout_p=p, dropout_seed=seed)
+    i = torch.arange(n, dtype=torch.int64)
+    keep = (philox_uint32(seed, i * n + i) >> 8) >= dropout_threshold(p)
+    assert torch.equal(out.flatten() != 0, keep)
+    assert bool((out.flatten()[keep] == 2.0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mask", ["full", "causal-cap30-win40"])
+def test_dropout_matches_reference(mask, dtype, poison_empty):
+    """Same torch seed -> same Philox seed -> the reference's mask exactly (else errors would be O(1))."""
+    causal, window, softcap = MASKS[mask]
+    q, k, v = rand_qkv((2, 2, 1, 37, 70, 64, 64), dtype)
+    gen = torch.Generator().manual_seed(11)
+    bias = torch.randn(1, 2, 37, 70, generator=gen).to(dtype).requires_grad_()
+    check_against_reference(q, k, v, attn_bias=bias, causal=causal, window=window, softcap=softcap,
+                            dropout_p=0.3, seed=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_short_queries_gqa_with_bias_and_dropout(dtype, poison_empty):
+    """Sq = 3 with 8 query heads per kv head: the forward puts the heads of a group into one block,
+    so bias rows and dropout counters come from (head, query) pairs."""
+    q, k, v = rand_qkv((2, 8, 1, 3, 150, 64, 32), dtype)
+    gen = torch.Generator().manual_seed(13)
+    bias = torch.randn(2, 8, 3, 150, generator=gen).to(dtype).requires_grad_()
+    check_against_reference(q, k, v, attn_bias=bias, dropout_p=0.4, causal=True, seed=6)
+
+
+def test_dropout_follows_torch_manual_seed():
+    q, k, v = rand_qkv((1, 2, 2, 30, 40, 16, 16), torch.float32, grad=False)
+    run = lambda: pyattn.attention(q, k, v, dropout_p=0.5, backend="cpu")  # noqa: E731
+    torch.manual_seed(0)
+    a, b = run(), run()
+    torch.manual_seed(0)
+    c = run()
+    assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ varlen
+
+def varlen_inputs(lens_q, lens_k, hq, hkv, d, dv, dtype, seed=0):
+    cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(int(cu_q[-1]), hq, d, generator=gen).to(dtype).requires_grad_()
+    k = torch.randn(int(cu_k[-1]), hkv, d, generator=gen).to(dtype).requires_grad_()
+    v = torch.randn(int(cu_k[-1]), hkv, dv, generator=gen).to(dtype).requires_grad_()
+    return q, k, v, cu_q, cu_k
+
+
+def varlen_forward_backward(q, k, v, cu_q, cu_k, max_q, max_k, *, backend, **kwargs):
+    torch.manual_seed(2)
+    out, lse = pyattn.attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True, backend=backend,
+                                       **kwargs)
+    return with_grads(out, lse, (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("mask", ["full", "causal", "win16-3", "causal-cap30-win40", "dropout"])
+def test_varlen_matches_reference(mask, dtype, poison_empty):
+    """Empty sequences on either side, lengths across block edges, GQA; masks align per sequence."""
+    lens_q, lens_k = [5, 0, 70, 130, 1, 0], [9, 3, 0, 100, 64, 0]
+    q, k, v, cu_q, cu_k = varlen_inputs(lens_q, lens_k, 4, 2, 64, 48, dtype)
+    causal, window, softcap = MASKS.get(mask, MASKS["full"])
+    kwargs = dict(causal=causal, window=window, softcap=softcap, dropout_p=0.25 if mask == "dropout" else 0.0)
+    args = (cu_q, cu_k, max(lens_q), max(lens_k))
+    ours = varlen_forward_backward(q, k, v, *args, backend="cpu", **kwargs)
+    ref64 = varlen_forward_backward(as64(q), as64(k), as64(v), *args, backend="reference", **kwargs)
+    base = varlen_forward_backward(q, k, v, *args, backend="reference", **kwargs)
+    for name, a, r, b in zip(NAMES, ours, ref64, base):
+        assert_close_relative(a, r, b, name=name)
+
+
+def test_varlen_strided_inputs(poison_empty):
+    """Packed tensors that are views: q a slice of a wider buffer, k / v from one (total, 2, H, D) buffer."""
+    lens = [17, 64, 3]
+    cu = torch.tensor([0, 17, 81, 84], dtype=torch.int32)
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(84, 4, 2 * 32, generator=gen)[..., :32].requires_grad_()
+    kv = torch.randn(84, 2, 2, 32, generator=gen)
+    k, v = kv[:, 0].requires_grad_(), kv[:, 1].requires_grad_()
+    ours = varlen_forward_backward(q, k, v, cu, cu, max(lens), max(lens), backend="cpu", causal=True)
+    ref = varlen_forward_backward(as64(q), as64(k), as64(v), cu, cu, max(lens), max(lens), backend="reference",
+                                  causal=True)
+    for name, a, r in zip(NAMES, ours, ref):
+        assert_close(a, r, torch.float32, name=name)
+
+
+# ------------------------------------------------------------------ instruction sets and threads
+
+@pytest.mark.parametrize("isa", C.supported_isas() if C is not None else [])
+def test_every_instruction_set_backward_and_features(isa):
+    """Each compiled variant: backward, bf16, bias, dropout, varlen."""
+    with forced_isa(isa):
+        q, k, v = rand_qkv((2, 4, 2, 70, 150, 80, 48), torch.float32, layout="bshd")
+        check_against_reference(q, k, v, causal=True, softcap=5.0)
+        gen = torch.Generator().manual_seed(12)
+        bias = torch.randn(1, 4, 70, 1, generator=gen).requires_grad_()
+        check_against_reference(q, k, v, attn_bias=bias, dropout_p=0.2, window=(40, 40))
+        qb, kb, vb = rand_qkv((1, 4, 4, 70, 150, 64, 64), torch.bfloat16, layout="bshd")
+        check_against_reference(qb, kb, vb, causal=True, attn_bias=torch.rand(70, 150, generator=gen) > 0.2)
+        assert torch.equal(kernel_keep_mask(7, 0.3, 1, 2, 33, 41), dropout_keep_mask(7, (1, 2, 33, 41), 0.3, "cpu"))
+        lens = [20, 0, 90]
+        q, k, v, cu_q, cu_k = varlen_inputs(lens, lens[::-1], 2, 1, 16, 16, torch.float32)
+        args = (cu_q, cu_k, 90, 90)
+        ours = varlen_forward_backward(q, k, v, *args, backend="cpu", causal=True)
+        ref = varlen_forward_backward(as64(q), as64(k), as64(v), *args, backend="reference", causal=True)
+        for name, a, r in zip(NAMES, ours, ref):
+            assert_close(a, r, torch.float32, name=name)
+
+
+@pytest.mark.parametrize("backend", ["openmp", "pool"])
+def test_thread_count_backward(backend):
+    """The backward on 1, 2 and 3 threads: dk, dv are bit-identical (each block owns its rows), dq sums
+    per-worker parts and may differ in the last bits."""
+    q, k, v = rand_qkv((2, 4, 2, 150, 150, 64, 64), torch.float32, layout="bshd")
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        with parallel_backend(backend):
+            for n in (1, max(2, previous), 3):
+                torch.set_num_threads(n)
+                results.append(forward_backward(q, k, v, backend="cpu", causal=True))
+    finally:
+        torch.set_num_threads(previous)
+    for other in results[1:]:
+        for name, a, b in zip(NAMES, results[0], other):
+            if name == "dq":
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+            else:
+                assert torch.equal(a, b), name
+
+
+def test_backend_choice_and_reasons(no_default_backend):
+    """backend=None picks the kernels for float32 / bfloat16 / float16 training with every feature; float64
+    goes to the reference with the reason."""
+    q, k, v = rand_qkv((1, 2, 2, 5, 5, 8, 8), torch.bfloat16)
+    bias = torch.zeros(5, 5, dtype=torch.bfloat16, requires_grad=True)
+    plan = pyattn.explain(pyattn.attention, q, k, v, causal=True, attn_bias=bias, dropout_p=0.1, softcap=2.0)
+    assert plan.backend == "cpu" and "forward+backward" in plan.kernel
+    q64, k64, v64 = rand_qkv((1, 2, 2, 5, 5, 8, 8), torch.float64)
+    plan = pyattn.explain(pyattn.attention, q64, k64, v64)
+    assert plan.backend == "reference" and "float64" in dict(plan.passed_over)["cpu"]
+    packed = [x[0].transpose(0, 1) for x in (q, k, v)]
+    cu = torch.tensor([0, 5], dtype=torch.int32)
+    assert pyattn.explain("attention_varlen", *packed, cu, cu, 5, 5).backend == "cpu"

@@ -24,17 +24,21 @@ def test_cpu_backend_is_built_here():
     assert pyattn.backends()["cpu"].available, pyattn.backends()["cpu"].reason
 
 
-def test_none_picks_cpu_kernel_for_float32_inference(no_default_backend):
-    q, k, v = qkv()
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_none_picks_cpu_kernel_for_cpu_tensors(no_default_backend, grad):
+    q, k, v = qkv(grad=grad)
     assert pyattn.explain(pyattn.attention, q, k, v, causal=True).backend == "cpu"
+    plan = pyattn.explain(pyattn.scaled_dot_product_attention, q, k, v, attn_mask=torch.ones(5, 5, dtype=torch.bool))
+    assert plan.backend == "cpu"  # the SDPA drop-in runs on the fast kernel too
+    assert "interpreter" in dict(plan.passed_over).get("triton", "interpreter")
 
 
 def test_none_falls_back_to_reference_with_reasons(no_default_backend):
-    q, k, v = qkv(grad=True)
+    q, k, v = qkv(dtype=torch.float64, grad=True)
     plan = pyattn.explain("attention", q, k, v)
     assert plan.backend == "reference"
     reasons = dict(plan.passed_over)
-    assert "backward" in reasons["cpu"]
+    assert "float64" in reasons["cpu"]
     assert "cpu" in str(plan) and "reference" in str(plan)
 
 
@@ -47,7 +51,7 @@ def test_named_backend_that_cannot_run_raises(no_default_backend):
 
 
 def test_env_sets_default_and_never_falls_back(monkeypatch):
-    q, k, v = qkv(grad=True)
+    q, k, v = qkv(dtype=torch.float64, grad=True)
     monkeypatch.setenv("PYATTN_BACKEND", "reference")
     assert pyattn.explain(pyattn.attention, q, k, v).backend == "reference"
     monkeypatch.setenv("PYATTN_BACKEND", "cpu")

@@ -1,18 +1,7 @@
-// AVX-512 build of the block kernel (x86-64-v4); chosen at run time when the CPU has it.
+// AVX-512 build of the block kernels (x86-64-v4); chosen at run time when the CPU has it.
 #define PYATTN_ISA avx512
 #define PYATTN_VEC_BYTES 64
 #define PYATTN_TILE_ROWS 6  // 6 x 4 accumulators + 4 B vectors + 1 broadcast of 32 zmm
 #define PYATTN_TILE_VECS 4
 #include "attention_cpu_kernel.h"
-
-namespace pyattn {
-namespace cpu {
-
-const IsaKernel& softmax_fwd_kernel_avx512() {
-  static constexpr IsaKernel kernel{"avx512", avx512::kBlockRows, &avx512::scratch_floats_fn,
-                                    &avx512::run_block};
-  return kernel;
-}
-
-}  // namespace cpu
-}  // namespace pyattn
+#include "attention_cpu_bwd.h"

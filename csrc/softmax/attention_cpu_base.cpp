@@ -1,4 +1,4 @@
-// Portable build of the block kernel: 128-bit vectors, i.e. SSE2 on any x86-64 and NEON
+// Portable build of the block kernels: 128-bit vectors, i.e. SSE2 on any x86-64 and NEON
 // on aarch64 (which has 32 vector registers, hence the wider tile there).
 #define PYATTN_ISA base
 #define PYATTN_VEC_BYTES 16
@@ -9,15 +9,4 @@
 #define PYATTN_TILE_VECS 2
 #endif
 #include "attention_cpu_kernel.h"
-
-namespace pyattn {
-namespace cpu {
-
-const IsaKernel& softmax_fwd_kernel_base() {
-  static constexpr IsaKernel kernel{"base", base::kBlockRows, &base::scratch_floats_fn,
-                                    &base::run_block};
-  return kernel;
-}
-
-}  // namespace cpu
-}  // namespace pyattn
+#include "attention_cpu_bwd.h"

@@ -7,15 +7,18 @@ import torch
 
 
 def kernel_gap(request, *, backend: str, device_type: str, ops: FrozenSet[str], dtypes: Tuple[torch.dtype, ...],
-               features: FrozenSet[str], kernel_words: str) -> Optional[str]:
-    """Why the compiled kernels of `backend` cannot run `request` (None when they can)."""
+               features: FrozenSet[str], kernel_words: str, backward: bool = False) -> Optional[str]:
+    """Why the compiled kernels of `backend` cannot run `request` (None when they can).
+
+    `backward`: whether they have the backward of every op in `ops` (else calls whose inputs
+    require grad go elsewhere)."""
     if request.device.type != device_type:
         return f"inputs are on {request.device}, the {backend} backend runs {device_type.upper()} tensors"
     if request.op not in ops:
         return f"no {kernel_words} kernel for {request.op} yet"
     if request.dtype not in dtypes:
         return f"the {kernel_words} kernel runs {', '.join(str(d) for d in dtypes)}, got {request.dtype}"
-    if request.needs_grad:
+    if request.needs_grad and not backward:
         return f"the {kernel_words} kernel has no backward yet (inputs require grad)"
     unsupported = request.features - features
     if unsupported:

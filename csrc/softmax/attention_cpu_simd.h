@@ -1,0 +1,457 @@
+// Vector primitives of the CPU softmax attention kernels (forward and backward), written once
+// with GCC/Clang vector extensions and compiled once per instruction set:
+// attention_cpu_<isa>.cpp defines PYATTN_ISA, PYATTN_VEC_BYTES, PYATTN_TILE_ROWS and
+// PYATTN_TILE_VECS, then includes the kernels, which include this.
+//
+// Everything here lives in a namespace named after the ISA and uses no standard-library
+// templates: an inline function shared by TUs built with different -m flags could be
+// merged by the linker into the AVX-512 copy and then run on a machine without it.
+#pragma once
+
+#include <cstdint>
+
+#include "params.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#if !defined(PYATTN_ISA) || !defined(PYATTN_VEC_BYTES) || !defined(PYATTN_TILE_ROWS) || \
+    !defined(PYATTN_TILE_VECS)
+#error "define PYATTN_ISA, PYATTN_VEC_BYTES, PYATTN_TILE_ROWS and PYATTN_TILE_VECS first"
+#endif
+
+namespace pyattn {
+namespace cpu {
+namespace PYATTN_ISA {
+
+constexpr int kW = PYATTN_VEC_BYTES / 4;  // floats per vector
+constexpr int kTileRows = PYATTN_TILE_ROWS;
+constexpr int kTileVecs = PYATTN_TILE_VECS;
+
+// may_alias: vectors are loaded from and stored to float / int32 scratch arrays.
+typedef float vf __attribute__((vector_size(PYATTN_VEC_BYTES), __may_alias__));
+typedef int32_t vi __attribute__((vector_size(PYATTN_VEC_BYTES), __may_alias__));
+typedef uint32_t vu __attribute__((vector_size(PYATTN_VEC_BYTES), __may_alias__));
+typedef uint64_t vq __attribute__((vector_size(PYATTN_VEC_BYTES), __may_alias__));  // kW / 2 lanes
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kInf = __builtin_inff();
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Element offset of row (b, h, i) of a (B, H, S, ...) tensor with element strides s.
+inline int64_t row_offset(const int64_t* s, int64_t b, int64_t h, int64_t i) {
+  return b * s[0] + h * s[1] + i * s[2];
+}
+
+inline vf splat(float x) { return x - vf{}; }  // x - (+0) == x exactly, unlike 0 + x
+inline vi splat_i(int32_t x) { return x - vi{}; }
+inline vu splat_u(uint32_t x) { return x - vu{}; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+inline vf& at(float* p) { return *reinterpret_cast<vf*>(p); }  // 64-byte aligned scratch
+inline const vf& at(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline vi iota_i() {
+  vi x{};
+  for (int l = 0; l < kW; ++l) x[l] = l;
+  return x;
+}
+
+// ------------------------------------------------------------------------ exp2, tanh
+
+// 2^f - 1 on f in [-0.5, 0.5]: f * (c1 + c2 f + ... + c6 f^5), relative error of 2^f
+// below 1e-7 (least-squares fit with minimax reweighting, float32 coefficients).
+inline vf exp2m1_reduced(vf f) {
+  vf q = splat(1.535334886284545e-4f);
+  q = q * f + 1.3398875016719103e-3f;
+  q = q * f + 9.618437848985195e-3f;
+  q = q * f + 5.5503323674201965e-2f;
+  q = q * f + 0.24022647738456726f;
+  q = q * f + 0.6931471824645996f;
+  return q * f;
+}
+
+// Splits x (in [-127, 127)) into n + f, n integer, |f| <= 0.5, and
+// returns 2^n as a float built from its exponent bits.
+inline vf split_exp2(vf x, vf* f) {
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf t = x + magic;
+  const vf n = t - magic;
+  *f = x - n;
+  const vi n_int = (vi)t - (vi)magic;  // casts between vector types reinterpret the bits
+  const vi pow_bits = (n_int + 127) << 23;
+  return (vf)pow_bits;
+}
+
+// 2^x for the softmax's x <= 0 (-inf included; any x < 127 works): clamping at -127 makes
+// 2^n = +0 from the exponent bits, so results below 2^-126 flush to 0 without a select.
+inline vf vexp2(vf x) {
+  vf f;
+  const vf pow2n = split_exp2(vmax(x, splat(-127.0f)), &f);
+  return pow2n + pow2n * exp2m1_reduced(f);
+}
+
+inline bool any_lane(vi mask) {
+  int32_t acc = 0;
+  for (int l = 0; l < kW; ++l) acc |= mask[l];
+  return acc != 0;
+}
+
+// tanh(x) = e / (e + 2) with e = expm1(2x); expm1 keeps small |x| accurate to a few ulp.
+inline vf vtanh(vf x) {
+  vf y = x * (2.0f * kLog2e);
+  y = vmin(vmax(y, splat(-126.0f)), splat(126.0f));
+  vf f;
+  const vf pow2n = split_exp2(y, &f);
+  const vf e = pow2n * exp2m1_reduced(f) + (pow2n - 1.0f);
+  return e / (e + 2.0f);
+}
+
+// Scores of a tile (rows of n_vecs vectors, ld apart) -> softcap * tanh(scores) in log2 units
+// (cap_mul = softcap * log2 e), when a bias comes after the softcap; dc (same layout, may be
+// null) gets the derivative 1 - tanh^2 for the backward.
+inline void softcap_tile(float* tile, int64_t ld, int64_t rows, int n_vecs, float cap_mul,
+                         float* dc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int v = 0; v < n_vecs; ++v) {
+      const int64_t x = r * ld + v * kW;
+      const vf th = vtanh(at(tile + x));
+      if (dc != nullptr) at(dc + x) = 1.0f - th * th;
+      at(tile + x) = th * cap_mul;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------ matrix product
+
+// C[MR x NV*W] (+)= sum_k A[r, k] * B[k, :], A[r, k] = a[r * a_row + k * a_k].
+template <int MR, int NV, bool ACCUMULATE>
+void gemm_tile(int64_t K, const float* __restrict a, int64_t a_row, int64_t a_k,
+               const float* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc) {
+  vf acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[r][v] = ACCUMULATE ? at(c + r * ldc + v * kW) : vf{};
+  }
+  const float* a_rows[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) a_rows[r] = a + r * a_row;
+  for (int64_t k = 0; k < K; ++k) {
+    vf bv[NV];
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) bv[v] = at(b + k * ldb + v * kW);
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const vf av = splat(a_rows[r][k * a_k]);
+#pragma GCC unroll 16
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) at(c + r * ldc + v * kW) = acc[r][v];
+  }
+}
+
+using TileFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                        int64_t);
+
+template <bool ACCUMULATE, int MR, int NV = kTileVecs>
+TileFn tile_for_vecs(int nv) {
+  if constexpr (NV == 1) {
+    return &gemm_tile<MR, 1, ACCUMULATE>;
+  } else {
+    return nv == NV ? &gemm_tile<MR, NV, ACCUMULATE> : tile_for_vecs<ACCUMULATE, MR, NV - 1>(nv);
+  }
+}
+
+template <bool ACCUMULATE, int MR = kTileRows>
+TileFn tile_for(int mr, int nv) {
+  if constexpr (MR == 1) {
+    return tile_for_vecs<ACCUMULATE, 1>(nv);
+  } else {
+    return mr == MR ? tile_for_vecs<ACCUMULATE, MR>(nv) : tile_for<ACCUMULATE, MR - 1>(mr, nv);
+  }
+}
+
+// C[M x n_vecs*W] (+)= A[M x K] * B[K x n_vecs*W] in register tiles; B and C are 64-byte
+// aligned scratch, A any floats (one scalar broadcast per element, through its strides).
+template <bool ACCUMULATE>
+void gemm(int64_t M, int n_vecs, int64_t K, const float* a, int64_t a_row, int64_t a_k,
+          const float* b, int64_t ldb, float* c, int64_t ldc) {
+  for (int v0 = 0; v0 < n_vecs; v0 += kTileVecs) {
+    const int nv = static_cast<int>(min64(kTileVecs, n_vecs - v0));
+    const TileFn full = tile_for<ACCUMULATE>(kTileRows, nv);
+    int64_t r0 = 0;
+    for (; r0 + kTileRows <= M; r0 += kTileRows) {
+      full(K, a + r0 * a_row, a_row, a_k, b + v0 * kW, ldb, c + r0 * ldc + v0 * kW, ldc);
+    }
+    if (r0 < M) {
+      tile_for<ACCUMULATE>(static_cast<int>(M - r0), nv)(K, a + r0 * a_row, a_row, a_k,
+                                                         b + v0 * kW, ldb,
+                                                         c + r0 * ldc + v0 * kW, ldc);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------ dtypes
+
+enum : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+inline int elem_bytes(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  __builtin_memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+// Round to nearest even; NaN stays NaN (quieted).
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t u = float_to_bits(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// IEEE half -> float: the exponent is rebiased by a multiplication, which also turns
+// subnormal halves into normal floats; infinities and NaN keep an all-ones exponent.
+// Branch-free (a mask, not a select, which GCC 12 does not if-convert here), so that loops
+// over it vectorize.
+inline float f16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t rest = h & 0x7FFFu;
+  const uint32_t finite = float_to_bits(bits_to_float(rest << 13) * 0x1p112f);
+  const uint32_t special = (rest << 13) | 0x7F800000u;
+  const uint32_t is_special = 0u - static_cast<uint32_t>(rest >= 0x7C00u);  // all ones or zero
+  return bits_to_float((special & is_special) | (finite & ~is_special) | sign);
+}
+
+// float -> IEEE half, round to nearest even (overflow to infinity, subnormals included).
+inline uint16_t float_to_f16(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u);  // NaN
+  if (a >= 0x477FF000u) return static_cast<uint16_t>(sign | 0x7C00u);  // rounds to >= 65520: inf
+  if (a < 0x38800000u) {
+    // |f| < 2^-14, a subnormal half: adding 0.5 (2^-1) leaves the half's 10 mantissa
+    // bits, correctly rounded to nearest even, in the float's low bits.
+    const float r = bits_to_float(a) + 0.5f;
+    return static_cast<uint16_t>(sign | (float_to_bits(r) - 0x3F000000u));
+  }
+  const uint32_t odd = (a >> 13) & 1u;
+  return static_cast<uint16_t>(sign | ((a + 0xC8000FFFu + odd) >> 13));  // rebias by -112 << 23
+}
+
+template <int DT>
+struct Elem;
+template <>
+struct Elem<kFloat32> {
+  typedef float T;
+  static float load(const float* p) { return *p; }
+  static void store(float* p, float x) { *p = x; }
+};
+template <>
+struct Elem<kFloat16> {
+  typedef uint16_t T;
+  static float load(const uint16_t* p) { return f16_to_float(*p); }
+  static void store(uint16_t* p, float x) { *p = float_to_f16(x); }
+};
+template <>
+struct Elem<kBFloat16> {
+  typedef uint16_t T;
+  static float load(const uint16_t* p) { return bf16_to_float(*p); }
+  static void store(uint16_t* p, float x) { *p = float_to_bf16(x); }
+};
+
+// dst[r * ld + c] = mul * src[r * rs + c * cs] for r < rows, c < cols, and zeros in the
+// columns [cols, ld) of those rows (ld padding keeps vector lanes finite).
+template <int DT>
+void pack_rows_t(float* dst, int64_t ld, const void* src_v, int64_t rows, int64_t rs,
+                 int64_t cols, int64_t cs, float mul) {
+  typedef typename Elem<DT>::T T;
+  const T* src = static_cast<const T*>(src_v);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* s = src + r * rs;
+    float* d = dst + r * ld;
+    if (cs == 1) {
+      for (int64_t c = 0; c < cols; ++c) d[c] = Elem<DT>::load(s + c) * mul;
+    } else {
+      for (int64_t c = 0; c < cols; ++c) d[c] = Elem<DT>::load(s + c * cs) * mul;
+    }
+    for (int64_t c = cols; c < ld; ++c) d[c] = 0.0f;
+  }
+}
+
+// dst[c * ld + r] = mul * src[r * rs + c * cs] for r < rows, c < cols: the transposed copy
+// (padding is the caller's).
+template <int DT>
+void pack_cols_t(float* dst, int64_t ld, const void* src_v, int64_t rows, int64_t rs,
+                 int64_t cols, int64_t cs, float mul) {
+  typedef typename Elem<DT>::T T;
+  const T* src = static_cast<const T*>(src_v);
+  for (int64_t c = 0; c < cols; ++c) {
+    float* d = dst + c * ld;
+    for (int64_t r = 0; r < rows; ++r) d[r] = Elem<DT>::load(src + r * rs + c * cs) * mul;
+  }
+}
+
+// src (rows x cols, row-major with ld) * mul -> dst[r * rs + c * cs] in dtype DT.
+template <int DT>
+void store_rows_t(void* dst_v, int64_t rs, int64_t cs, const float* src, int64_t ld,
+                  int64_t rows, int64_t cols, float mul) {
+  typedef typename Elem<DT>::T T;
+  T* dst = static_cast<T*>(dst_v);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      Elem<DT>::store(dst + r * rs + c * cs, src[r * ld + c] * mul);
+    }
+  }
+}
+
+#define PYATTN_DTYPE_SWITCH(dtype, DT, ...)      \
+  switch (dtype) {                               \
+    case kFloat16: {                             \
+      constexpr int DT = kFloat16;               \
+      __VA_ARGS__;                               \
+    } break;                                     \
+    case kBFloat16: {                            \
+      constexpr int DT = kBFloat16;              \
+      __VA_ARGS__;                               \
+    } break;                                     \
+    default: {                                   \
+      constexpr int DT = kFloat32;               \
+      __VA_ARGS__;                               \
+    } break;                                     \
+  }
+
+inline void pack_rows(int dtype, float* dst, int64_t ld, const void* src, int64_t rows, int64_t rs,
+                      int64_t cols, int64_t cs, float mul) {
+  PYATTN_DTYPE_SWITCH(dtype, DT, pack_rows_t<DT>(dst, ld, src, rows, rs, cols, cs, mul));
+}
+inline void pack_cols(int dtype, float* dst, int64_t ld, const void* src, int64_t rows, int64_t rs,
+                      int64_t cols, int64_t cs, float mul) {
+  PYATTN_DTYPE_SWITCH(dtype, DT, pack_cols_t<DT>(dst, ld, src, rows, rs, cols, cs, mul));
+}
+inline void store_rows(int dtype, void* dst, int64_t rs, int64_t cs, const float* src, int64_t ld,
+                       int64_t rows, int64_t cols, float mul) {
+  PYATTN_DTYPE_SWITCH(dtype, DT, store_rows_t<DT>(dst, rs, cs, src, ld, rows, cols, mul));
+}
+// Element pointer arithmetic on a tensor of dtype `dtype`.
+inline const void* offset(const void* base, int dtype, int64_t elems) {
+  return static_cast<const char*>(base) + elems * elem_bytes(dtype);
+}
+inline void* offset(void* base, int dtype, int64_t elems) {
+  return static_cast<char*>(base) + elems * elem_bytes(dtype);
+}
+
+// ------------------------------------------------------------------------ dropout
+
+// (GCC 12 -Wall takes the undefined pass-through operand inside _mm512_mul_epu32 for
+// an uninitialized variable.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+// 64-bit products of the even 32-bit lanes of x with a (pmuludq; vector extensions have no
+// widening multiply, and a 64-bit one is emulated with shifts on AVX2).
+inline vq mul_even_u32(vu x, uint32_t a) {
+#if defined(__AVX512F__) && PYATTN_VEC_BYTES == 64
+  return (vq)_mm512_mul_epu32((__m512i)x, (__m512i)splat_u(a));
+#elif defined(__AVX2__) && PYATTN_VEC_BYTES == 32
+  return (vq)_mm256_mul_epu32((__m256i)x, (__m256i)splat_u(a));
+#elif defined(__SSE2__) && PYATTN_VEC_BYTES == 16
+  return (vq)_mm_mul_epu32((__m128i)x, (__m128i)splat_u(a));
+#else
+  return ((vq)x & 0xFFFFFFFFull) * static_cast<uint64_t>(a);
+#endif
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+// High and low 32 bits of a * x, per lane.
+inline void mul_hi_lo(vu x, uint32_t a, vu* hi, vu* lo) {
+  const vq even = mul_even_u32(x, a);
+  const vq odd = mul_even_u32((vu)((vq)x >> 32), a);
+  const vi odd_lane = (iota_i() & 1) != 0;
+  *lo = x * a;
+  *hi = odd_lane ? (vu)odd : (vu)(even >> 32);  // the high halves sit in the odd lanes
+}
+
+// Philox4x32-10 (Salmon et al. 2011), first output word, for counters (c0, c1, 0, 0) and
+// key (seed low 32 bits, seed high 32 bits): pyattn.reference.philox_uint32.
+inline vu philox_first(vu c0, vu c1, uint64_t seed) {
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  vu c2{}, c3{};
+#pragma GCC unroll 10
+  for (int round = 0; round < 10; ++round) {
+    vu hi_a, lo_a, hi_b, lo_b;
+    mul_hi_lo(c0, 0xD2511F53u, &hi_a, &lo_a);
+    mul_hi_lo(c2, 0xCD9E8D57u, &hi_b, &lo_b);
+    c0 = hi_b ^ c1 ^ k0;
+    c1 = lo_b;
+    c2 = hi_a ^ c3 ^ k1;
+    c3 = lo_a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return c0;
+}
+
+// Per lane, the 64-bit counter (lo, hi) plus add (< 2^32).
+inline void counter_add(vu* lo, vu* hi, vu add) {
+  const vu sum = *lo + add;
+  *hi += (vu)(sum < *lo) & 1u;  // carry
+  *lo = sum;
+}
+
+// Dropout multipliers (1/(1-p) where kept, else 0) of the W counters lo + 2^32 hi.
+inline vf dropout_multiplier(const SoftmaxFwdParams& p, vu lo, vu hi) {
+  const vu bits = philox_first(lo, hi, p.dropout_seed);
+  const vf inv_keep = splat(1.0f / (1.0f - p.dropout_p));
+  return (bits >> 8) >= p.dropout_threshold ? inv_keep : vf{};
+}
+
+// ------------------------------------------------------------------------ attn_bias
+
+// Adds the bias to, or applies the bool mask on, a tile of scores in log2 units.
+// Element (r, j) of the tile is tile[r * ld_r + j * ld_j]: row r is query i_first + r % n_i
+// of head h_first + r / n_i, column j is key j0 + j.
+inline void apply_bias(const SoftmaxFwdParams& p, int64_t batch, int64_t h_first, int64_t i_first,
+                       int64_t n_i, int64_t n_rows, int64_t j0, int64_t bn, float* tile,
+                       int64_t ld_r, int64_t ld_j) {
+  const int64_t* s = p.bias_stride;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const int64_t h = h_first + r / n_i, i = i_first + r % n_i;
+    const int64_t row = row_offset(s, batch, h, i) + j0 * s[3];
+    float* t = tile + r * ld_r;
+    if (p.bias_kind == SoftmaxFwdParams::kBiasBool) {
+      const uint8_t* m = static_cast<const uint8_t*>(p.bias) + row;
+      for (int64_t j = 0; j < bn; ++j) {
+        if (m[j * s[3]] == 0) t[j * ld_j] = -kInf;
+      }
+    } else {
+      const float* x = static_cast<const float*>(p.bias) + row;
+      for (int64_t j = 0; j < bn; ++j) t[j * ld_j] += x[j * s[3]] * kLog2e;
+    }
+  }
+}
+
+}  // namespace PYATTN_ISA
+}  // namespace cpu
+}  // namespace pyattn
