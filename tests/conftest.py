@@ -16,10 +16,6 @@ import pytest  # noqa: E402
 import torch._dynamo  # noqa: E402,F401
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
-
-
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
