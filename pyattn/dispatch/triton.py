@@ -16,7 +16,7 @@ from .._config import triton_interpret
 
 NAME = "triton"
 DEFAULT_OK = True
-_OPS = frozenset({"attention", "attention_varlen"})  # ops with a Triton kernel
+_OPS = frozenset({"attention", "attention_varlen", "linear_attention"})  # ops with a Triton kernel
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 
@@ -52,6 +52,12 @@ def not_default(request) -> Optional[str]:
 
 
 def kernel(request) -> str:
+    if request.op == "linear_attention":
+        from ..launchers.triton_linear import RECURRENT_MAX_SEQ
+
+        # The Request carries no sequence length, so both forward kernels are named.
+        return (f"pyattn.kernels.linear chunked linear attention (Triton); fused recurrent forward when "
+                f"seq <= {RECURRENT_MAX_SEQ} (the decoding step)")
     if request.op == "attention_varlen":
         return "pyattn.kernels.softmax varlen flash attention (Triton)"
     # The Request carries no sequence lengths, so both forward kernels are named.
@@ -143,3 +149,34 @@ def attention_varlen_backward(grads, inputs, outputs, needs, *, cu_seqlens_q, cu
                                         max_seqlen_k, dropout_seed, out, lse, dq, dk, dv,
                                         **_flags(causal, scale, window_left, window_right, softcap, dropout_p))
     return dq, dk, dv
+
+
+def _linear_launcher():
+    from ..launchers import triton_linear
+
+    return triton_linear
+
+
+def linear_attention_forward(inputs, *, causal, feature_map, normalize, scale, eps):
+    q, k, v, log_decay, state_s, state_z = inputs
+    b, hq, seq, f = q.shape
+    dv = v.shape[-1]
+    out = torch.empty(b, hq, seq, dv, dtype=q.dtype, device=q.device)
+    s = torch.empty(b, hq, f, dv, dtype=torch.float32, device=q.device)
+    z = torch.empty(b, hq, f, dtype=torch.float32, device=q.device)
+    _linear_launcher().linear_forward(q, k, v, log_decay, state_s, state_z, out, s, z, causal=causal,
+                                      feature_map=feature_map, normalize=normalize, scale=scale, eps=eps)
+    return out, s, z
+
+
+def linear_attention_backward(grads, inputs, outputs, needs, *, causal, feature_map, normalize, scale, eps):
+    dout, ds, dz = grads
+    q, k, v, log_decay, state_s, state_z = inputs
+    out, s, z = outputs
+    dout = torch.zeros_like(out) if dout is None else dout
+    dq, dk, dv, dlog, ds0, dz0 = (torch.empty(x.shape, dtype=x.dtype, device=x.device) if need and x is not None
+                                  else None for x, need in zip(inputs, needs))
+    _linear_launcher().linear_backward(dout, ds, dz, q, k, v, log_decay, state_s, state_z, out, s, z, dq, dk, dv,
+                                       dlog, ds0, dz0, causal=causal, feature_map=feature_map,
+                                       normalize=normalize, scale=scale, eps=eps)
+    return dq, dk, dv, dlog, ds0, dz0
