@@ -133,7 +133,9 @@ def test_missing_transformers_raises_import_error(monkeypatch):
 
 
 def test_old_transformers_raises_import_error(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "4.52.4")
+    # the module register() will import now: transformers' lazy loading may have replaced the
+    # one this file imported in sys.modules
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.52.4")
     with pytest.raises(ImportError, match="found 4.52.4"):
         integration.register()
 

@@ -23,7 +23,14 @@ caches, bidirectional layers with padding) is transformers' own boolean SDPA
 mask (True = attend), which pyattn takes as ``attn_bias``. A query row that
 sees no key (a left-padding position) gives zeros, never NaN.
 
-transformers is imported when ``register()`` is called, never at import time.
+``convert_to_linear(model, feature_dim=...)`` turns a decoder-only model's
+softmax attention into T2R linear attention (Kasai et al. 2021), ready to
+finetune and decoding with a fixed-size recurrent state; it lives in
+``pyattn.integrations._transformers_linear`` (``LinearAttentionCache`` and the
+attention/mask functions are re-exported here).
+
+transformers is imported when ``register()`` or ``convert_to_linear()`` is
+called (or a linear-attention class is looked up), never at import time.
 """
 from __future__ import annotations
 
@@ -37,8 +44,9 @@ from ..ops import softmax
 
 NAME = "pyattn"
 MIN_TRANSFORMERS = "4.53"  # the first release with `AttentionMaskInterface` (transformers.masking_utils)
+MIN_TRANSFORMERS_LINEAR = "5.0"  # convert_to_linear: Cache made of CacheLayerMixin layers (tested with 5.23)
 
-__all__ = ["register", "pyattn_attention_forward", "pyattn_mask", "NAME"]
+__all__ = ["register", "pyattn_attention_forward", "pyattn_mask", "NAME", "convert_to_linear", "LinearAttentionCache"]
 
 
 # --------------------------------------------------------------------------- attention
@@ -226,11 +234,7 @@ def _require_transformers():
         raise ImportError(f"pyattn.integrations.transformers needs Hugging Face transformers >= {MIN_TRANSFORMERS}"
                           " (pip install transformers)") from error
     version = getattr(transformers, "__version__", "unknown")
-    try:
-        from packaging.version import InvalidVersion, Version
-        too_old = Version(version).release < Version(MIN_TRANSFORMERS).release
-    except (ImportError, InvalidVersion):
-        too_old = False  # no packaging (transformers depends on it) or a local build: the imports below decide
+    too_old = _older_than(version, MIN_TRANSFORMERS)  # if unknown, the imports below decide
     try:
         from transformers.masking_utils import AttentionMaskInterface
         from transformers.modeling_utils import AttentionInterface
@@ -244,6 +248,18 @@ def _require_transformers():
     return AttentionInterface, AttentionMaskInterface
 
 
+def _older_than(version: str, minimum: str) -> bool:
+    """Whether `version` is known to be older than `minimum` (False without packaging or for a local build)."""
+    try:
+        from packaging.version import InvalidVersion, Version
+    except ImportError:  # transformers depends on packaging: hardly ever
+        return False
+    try:
+        return Version(version).release < Version(minimum).release
+    except InvalidVersion:
+        return False
+
+
 def register() -> None:
     """Register ``"pyattn"`` with transformers' ``AttentionInterface`` and ``AttentionMaskInterface``.
 
@@ -253,3 +269,46 @@ def register() -> None:
     attention_interface, mask_interface = _require_transformers()
     attention_interface.register(NAME, pyattn_attention_forward)
     mask_interface.register(NAME, pyattn_mask)
+
+
+# --------------------------------------------------------------------------- linear attention (T2R)
+
+_LINEAR_EXPORTS = ("LinearAttentionCache", "RecurrentStateLayer", "linear_attention_forward", "linear_attention_mask",
+                   "recurrent_state_nbytes", "LINEAR_NAME")
+
+
+def convert_to_linear(model, feature_dim: int = 32, *, eps: float = 1e-6):
+    """Swap a Hugging Face causal LM's softmax attention for T2R linear attention, in place (Kasai et al. 2021).
+
+    Keeps every pretrained weight (q/k/v/o projections, RoPE) and adds a
+    learned ``relu(x W^T + b)`` feature map with ``feature_dim`` features per
+    layer and key/value head; ``generate`` then decodes with a constant-size
+    recurrent state per layer. Padding masks are handled; sliding windows
+    and packed sequences raise. Returns `model`. Details:
+    ``pyattn.integrations._transformers_linear``.
+    """
+    _require_transformers_for_linear()
+    from . import _transformers_linear
+
+    return _transformers_linear.convert_to_linear(model, feature_dim, eps=eps)
+
+
+def _require_transformers_for_linear() -> None:
+    """ImportError unless transformers >= 5 (its cache layers, which the recurrent state plugs into)."""
+    _require_transformers()
+    import transformers
+
+    version = getattr(transformers, "__version__", "unknown")
+    if _older_than(version, MIN_TRANSFORMERS_LINEAR):
+        raise ImportError(f"convert_to_linear needs transformers >= {MIN_TRANSFORMERS_LINEAR} (its Cache layers); "
+                          f"found {version}")
+
+
+def __getattr__(name):
+    # the cache classes subclass transformers' own: import transformers only when one is asked for
+    if name in _LINEAR_EXPORTS:
+        _require_transformers_for_linear()
+        from . import _transformers_linear
+
+        return getattr(_transformers_linear, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
