@@ -17,6 +17,7 @@
 #include "common/parallel.h"
 #include "softmax/params_from_args.h"
 #include "softmax/attention_cpu.h"
+#include "linear/linear_cpu.h"
 
 namespace py = pybind11;
 
@@ -110,6 +111,105 @@ void softmax_backward(const Tensor4& q, const Tensor4& k, const Tensor4& v, cons
   pyattn::cpu::softmax_bwd(p, num_threads);
 }
 
+// ---------------------------------------------------------------- linear attention
+
+using Sizes6 = std::array<int64_t, 6>;  // batch, heads_q, heads_kv, seq, feature dim, dim_v
+
+// The plain arguments both directions take; only what keeps the kernels from dividing by
+// zero or indexing a table out of range is checked here (shapes were validated in Python).
+struct LinearArgs {
+  Sizes6 sizes;
+  int dtype, feature_map;
+  bool causal, normalize;
+  float scale, eps;
+
+  void apply(pyattn::LinearFwdParams& p) const {
+    if (dtype < 0 || dtype > 2) {
+      throw py::value_error("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+    }
+    if (feature_map < 0 || feature_map > 2) {
+      throw py::value_error("feature_map must be 0 (identity), 1 (elu + 1) or 2 (relu)");
+    }
+    for (int64_t x : sizes) {
+      if (x < 0) throw py::value_error("sizes must be non-negative");
+    }
+    if (sizes[2] == 0 || sizes[1] % sizes[2] != 0) {
+      throw py::value_error("heads_kv must be positive and divide heads_q");
+    }
+    p.batch = sizes[0];
+    p.heads_q = sizes[1];
+    p.heads_kv = sizes[2];
+    p.seq = sizes[3];
+    p.feat = sizes[4];
+    p.dim_v = sizes[5];
+    p.dtype = dtype;
+    p.feature_map = feature_map;
+    p.causal = causal;
+    p.normalize = normalize;
+    p.scale = scale;
+    p.eps = eps;
+  }
+};
+
+template <typename T, size_t N>
+void take(T*& ptr, int64_t (&stride)[N], const std::tuple<uintptr_t, std::array<int64_t, N>>& t) {
+  ptr = reinterpret_cast<T*>(std::get<0>(t));
+  copy_strides(stride, std::get<1>(t));
+}
+
+void linear_inputs(pyattn::LinearFwdParams& p, const Tensor4& q, const Tensor4& k, const Tensor4& v,
+                   const Tensor3& log_decay, const Tensor4& state_s, const Tensor3& state_z) {
+  take(p.q, p.q_stride, q);
+  take(p.k, p.k_stride, k);
+  take(p.v, p.v_stride, v);
+  take(p.log_decay, p.decay_stride, log_decay);
+  take(p.state_s, p.state_s_stride, state_s);
+  take(p.state_z, p.state_z_stride, state_z);
+  if ((p.state_s == nullptr) != (p.state_z == nullptr)) {
+    throw py::value_error("give both parts of the initial state or neither");
+  }
+}
+
+void linear_forward(const Tensor4& q, const Tensor4& k, const Tensor4& v, const Tensor3& log_decay,
+                    const Tensor4& state_s, const Tensor3& state_z, const Tensor4& out,
+                    const Tensor4& final_s, const Tensor3& final_z, const LinearArgs& args,
+                    int num_threads) {
+  pyattn::LinearFwdParams p;
+  args.apply(p);
+  linear_inputs(p, q, k, v, log_decay, state_s, state_z);
+  take(p.out, p.out_stride, out);
+  take(p.final_s, p.final_s_stride, final_s);
+  take(p.final_z, p.final_z_stride, final_z);
+  py::gil_scoped_release no_gil;
+  pyattn::cpu::linear_fwd(p, num_threads);
+}
+
+void linear_backward(const Tensor4& q, const Tensor4& k, const Tensor4& v, const Tensor3& log_decay,
+                     const Tensor4& state_s, const Tensor3& state_z, const Tensor4& dout,
+                     const Tensor4& dfinal_s, const Tensor3& dfinal_z, const Tensor4& dq,
+                     const Tensor4& dk, const Tensor4& dv, const Tensor3& dlog_decay,
+                     const Tensor4& dstate_s, const Tensor3& dstate_z, const LinearArgs& args,
+                     int num_threads) {
+  pyattn::LinearBwdParams p;
+  args.apply(p.fwd);
+  linear_inputs(p.fwd, q, k, v, log_decay, state_s, state_z);
+  take(p.dout, p.dout_stride, dout);
+  take(p.dfinal_s, p.dfinal_s_stride, dfinal_s);
+  take(p.dfinal_z, p.dfinal_z_stride, dfinal_z);
+  take(p.dq, p.dq_stride, dq);
+  take(p.dk, p.dk_stride, dk);
+  take(p.dv, p.dv_stride, dv);
+  take(p.dlog_decay, p.dlog_decay_stride, dlog_decay);
+  take(p.dstate_s, p.dstate_s_stride, dstate_s);
+  take(p.dstate_z, p.dstate_z_stride, dstate_z);
+  const bool empty = p.fwd.batch * p.fwd.heads_q * p.fwd.seq * p.fwd.feat * p.fwd.dim_v == 0;
+  if (!empty && (p.dq == nullptr || p.dk == nullptr || p.dv == nullptr)) {
+    throw py::value_error("linear_backward needs dq, dk and dv");
+  }
+  py::gil_scoped_release no_gil;
+  pyattn::cpu::linear_bwd(p, num_threads);
+}
+
 std::vector<std::string> supported_isas() {
   const pyattn::cpu::IsaKernel* kernels[3];
   const int n = pyattn::cpu::available_isas(kernels, 3);
@@ -171,6 +271,35 @@ PYBIND11_MODULE(_C, m) {
         "q, k, v, out (the forward's output), dout, lse (float32), dlse (float32; ptr 0: zero) -> "
         "dq, dk, dv (input dtype) and dbias ((B,Hq,Sq,Sk) float32 gradient of the final scores, "
         "ptr 0: not computed; elements of skipped blocks are left as they are, so pass zeros).");
+
+  py::class_<LinearArgs>(
+      m, "LinearArgs",
+      "Plain arguments of linear_forward / linear_backward: sizes (B, Hq, Hkv, S, F, Dv), dtype "
+      "(0 float32, 1 float16, 2 bfloat16), feature_map (0 identity, 1 elu + 1, 2 relu), causal, "
+      "normalize, scale (qf = f(q) * scale), eps.")
+      .def(py::init([](const Sizes6& sizes, int dtype, int feature_map, bool causal, bool normalize,
+                       float scale, float eps) {
+             return LinearArgs{sizes, dtype, feature_map, causal, normalize, scale, eps};
+           }),
+           py::kw_only(), py::arg("sizes"), py::arg("dtype"), py::arg("feature_map"),
+           py::arg("causal"), py::arg("normalize"), py::arg("scale"), py::arg("eps"));
+
+  m.def("linear_forward", &linear_forward, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("log_decay"), py::arg("state_s"), py::arg("state_z"), py::arg("out"),
+        py::arg("final_s"), py::arg("final_z"), py::kw_only(), py::arg("args"),
+        py::arg("num_threads"),
+        "Linear-recurrent attention forward. Each tensor is (data_ptr(), element strides): "
+        "q (B,Hq,S,F), k (B,Hkv,S,F), v (B,Hkv,S,Dv) in the input dtype; log_decay (B,Hq,S) "
+        "float32 (ptr 0: none); initial state S (B,Hq,F,Dv), z (B,Hq,F) float32 (ptr 0: zeros) "
+        "-> out (B,Hq,S,Dv) input dtype, final state float32 (ptr 0: not written).");
+  m.def("linear_backward", &linear_backward, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("log_decay"), py::arg("state_s"), py::arg("state_z"), py::arg("dout"),
+        py::arg("dfinal_s"), py::arg("dfinal_z"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        py::arg("dlog_decay"), py::arg("dstate_s"), py::arg("dstate_z"), py::kw_only(),
+        py::arg("args"), py::arg("num_threads"),
+        "Linear-recurrent attention backward: the forward's inputs, dout and the final state's "
+        "gradients (ptr 0: zero) -> dq, dk, dv (input dtype), dlog_decay (B,Hq,S) float32 and "
+        "the initial state's gradients (ptr 0: not computed).");
 
   m.def("supported_isas", &supported_isas,
         "Instruction-set variants of the CPU kernels this machine can run, best first.");

@@ -1,4 +1,5 @@
-"""The C++ CPU backend (`pyattn._C`): fused softmax attention, dense and packed, forward and backward."""
+"""The C++ CPU backend (`pyattn._C`): fused softmax attention, dense and packed, and chunked
+linear-recurrent attention, forward and backward."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,10 +11,11 @@ from . import _compiled
 NAME = "cpu"
 DEFAULT_OK = True
 
-_OPS = frozenset({"attention", "attention_varlen"})
+_OPS = frozenset({"attention", "attention_varlen", "linear_attention"})
 # float64 goes to the reference backend: the kernels compute in float32.
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_FEATURES = frozenset({"window", "softcap", "causal", "attn_bias", "dropout"})
+_FEATURES = frozenset({"window", "softcap", "causal", "attn_bias", "dropout",  # softmax
+                       "decay", "initial_state"})  # linear
 
 
 def unavailable() -> Optional[str]:
@@ -23,12 +25,17 @@ def unavailable() -> Optional[str]:
 
 
 def cannot_run(request) -> Optional[str]:
+    if request.op == "linear_attention" and request.head_dim == 0:
+        return "the feature map gives 0 features; the C++ CPU kernel needs at least one"
     return _compiled.kernel_gap(request, backend=NAME, device_type="cpu", ops=_OPS, dtypes=_DTYPES,
                                 features=_FEATURES, kernel_words="C++ CPU", backward=True)
 
 
 def kernel(request) -> str:
     dtype = str(request.dtype).replace("torch.", "")
+    if request.op == "linear_attention":
+        return (f"pyattn._C linear_attention {'forward+backward' if request.needs_grad else 'forward'} "
+                f"({dtype} in, float32 state; chunks of 64 tokens, a token loop for up to 4)")
     return (f"pyattn._C {request.op} {'forward+backward' if request.needs_grad else 'forward'} "
             f"({dtype} in, float32 accumulation, blocked online softmax)")
 
@@ -129,3 +136,37 @@ def attention_varlen_backward(grads, inputs, outputs, needs, *, cu_seqlens_q, cu
     _zero_uncovered_rows(dk, varlen[1], 0)
     _zero_uncovered_rows(dv, varlen[1], 0)
     return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- linear attention
+
+def linear_attention_forward(inputs, *, causal, feature_map, normalize, scale, eps):
+    from ..launchers import cpu_linear
+
+    q, k, v, log_decay, state_s, state_z = inputs
+    b, hq, seq, f = q.shape
+    dv = v.shape[-1]
+    out = torch.empty((b, hq, seq, dv), dtype=q.dtype)
+    final_s = torch.empty((b, hq, f, dv), dtype=torch.float32)
+    final_z = torch.empty((b, hq, f), dtype=torch.float32)
+    cpu_linear.linear_forward(q, k, v, log_decay, state_s, state_z, out, final_s, final_z, causal=causal,
+                              feature_map=feature_map, normalize=normalize, scale=scale, eps=eps)
+    return out, final_s, final_z
+
+
+def linear_attention_backward(grads, inputs, outputs, needs, *, causal, feature_map, normalize, scale, eps):
+    from ..launchers import cpu_linear
+
+    q, k, v, log_decay, state_s, state_z = inputs
+    dout, dfinal_s, dfinal_z = grads
+    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype) for x in (q, k, v))
+    want = lambda i, x: bool(needs[i]) and x is not None  # noqa: E731
+    dlog_decay = torch.empty(log_decay.shape, dtype=torch.float32) if want(3, log_decay) else None
+    dstate_s = torch.empty(state_s.shape, dtype=torch.float32) if want(4, state_s) else None
+    dstate_z = torch.empty(state_z.shape, dtype=torch.float32) if want(5, state_z) else None
+    cpu_linear.linear_backward(
+        q, k, v, log_decay, state_s, state_z, None if dout is None else dout.to(q.dtype),
+        None if dfinal_s is None else dfinal_s.to(torch.float32),
+        None if dfinal_z is None else dfinal_z.to(torch.float32), dq, dk, dv, dlog_decay, dstate_s, dstate_z,
+        causal=causal, feature_map=feature_map, normalize=normalize, scale=scale, eps=eps)
+    return dq, dk, dv, dlog_decay, dstate_s, dstate_z
