@@ -9,8 +9,9 @@ Shapes from issue #4's CPU goal: B=1, H=8, D=64, float32, causal, elu + 1 featur
 torch's thread count. Providers:
 
 * ``pyattn-linear``: ``pyattn.linear_attention(..., backend="cpu")`` (the C++ kernels);
-* ``torch-chunked``: `torch_chunked` below, chunks of 64 tokens in batched matmuls, the states
-  entering each chunk from a cumulative sum over the chunks (autograd gives its backward);
+* ``torch-chunked``: `pyattn.bench.baselines.chunked_linear_attention` (also pyattn-bench's),
+  chunks of 64 tokens in batched matmuls, the states entering each chunk from a cumulative sum
+  over the chunks (autograd gives its backward);
 * ``torch-token-loop``: `torch_token_loop` below, the recurrence one token at a time in torch
   (a lean loop: one outer-product update and one (1 x D) @ (D x Dv) product per token; the
   reference's own loop, ``pyattn.reference.linear_attention_recurrent``, is ~50x slower);
@@ -26,7 +27,6 @@ of the per-round ratios.
 import argparse
 import datetime
 import json
-import platform
 import resource
 import statistics
 import time
@@ -36,33 +36,11 @@ import torch
 import torch.nn.functional as F
 
 import pyattn
+from pyattn.bench.baselines import chunked_linear_attention as torch_chunked
+from pyattn.bench.results import cpu_model
 
 B, H, S, D = 1, 8, 8192, 64
-CHUNK = 64
 DECODE_CONTEXTS = [1024, 4096, 16384, 65536]
-
-
-def torch_chunked(q, k, v, chunk=CHUNK, eps=1e-6):
-    """Causal, normalized elu + 1 linear attention in plain torch, chunked: per chunk the masked
-    (C x C) scores and their product with v, plus the queries times the state entering the chunk,
-    the states being an exclusive cumulative sum of the chunks' kf^T v."""
-    b, h, s, _ = q.shape
-    qf, kf = F.elu(q) + 1, F.elu(k) + 1
-    pad = (-s) % chunk
-    if pad:
-        qf, kf, v = (F.pad(x, (0, 0, 0, pad)) for x in (qf, kf, v))
-    n = (s + pad) // chunk
-    qc, kc, vc = (x.reshape(b, h, n, chunk, x.shape[-1]) for x in (qf, kf, v))
-    mask = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    scores = (qc @ kc.transpose(-1, -2)).masked_fill(~mask, 0.0)   # (b, h, n, C, C)
-    kv = kc.transpose(-1, -2) @ vc                                   # (b, h, n, D, Dv)
-    ksum = kc.sum(-2)                                                # (b, h, n, D)
-    s_before = kv.cumsum(2) - kv                                     # state entering each chunk
-    z_before = ksum.cumsum(2) - ksum
-    num = scores @ vc + qc @ s_before
-    den = scores.sum(-1) + (qc @ z_before.unsqueeze(-1)).squeeze(-1)
-    out = num / (den + eps).unsqueeze(-1)
-    return out.reshape(b, h, n * chunk, -1)[:, :, :s]
 
 
 def torch_token_loop(q, k, v, eps=1e-6):
@@ -195,15 +173,6 @@ def paired(fns, rounds: int):
     return medians, ratios
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -263,7 +232,7 @@ def main() -> None:
     print(f"decode memory: state {state_kib:.0f} KiB; peak RSS grew {rss1 - rss0} KiB over 5000 more steps")
 
     if args.json:
-        record = dict(date=datetime.date.today().isoformat(), machine=cpu_name(),
+        record = dict(date=datetime.date.today().isoformat(), machine=cpu_model(),
                       isa=pyattn._extension.load_cpu().current_isa(), threads=torch.get_num_threads(),
                       torch=torch.__version__, shape=dict(batch=B, heads=H, seq=S, dim=D), rounds=args.rounds,
                       command="python bench/bench_linear.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in

@@ -11,7 +11,6 @@ is steadier than two medians taken minutes apart; this is the number quoted in t
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import time
 
@@ -19,20 +18,12 @@ import torch
 import torch.nn.functional as F
 
 import pyattn
+from pyattn.bench.results import cpu_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CASES = ("fwd-fp32", "fwdbwd-fp32", "fwd-bf16", "fwdbwd-bf16")
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn) -> float:
@@ -97,7 +88,7 @@ def main() -> None:
                   f"GFLOP/s)  sdpa {row['sdpa_ms']:7.2f} ms  speedup (median of paired ratios) "
                   f"{row['speedup_median_of_ratios']:.2f}x", flush=True)
     if args.json:
-        record = dict(date=datetime.date.today().isoformat(), machine=cpu_name(),
+        record = dict(date=datetime.date.today().isoformat(), machine=cpu_model(),
                       isa=pyattn._C.current_isa(), threads=torch.get_num_threads(), torch=torch.__version__,
                       pyattn=pyattn.__version__,
                       shape=dict(batch=args.batch, heads=args.heads, seq=args.seq, dim=args.dim),

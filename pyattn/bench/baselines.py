@@ -21,8 +21,10 @@ def chunked_linear_attention(q, k, v, *, causal=True, chunk=64, eps=1e-6):
     cdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     group = q.shape[1] // k.shape[1]
     qf = F.elu(q.to(cdt)) + 1
-    kf = (F.elu(k.to(cdt)) + 1).repeat_interleave(group, dim=1)
-    vc = v.to(cdt).repeat_interleave(group, dim=1)
+    kf = F.elu(k.to(cdt)) + 1
+    vc = v.to(cdt)
+    if group > 1:
+        kf, vc = kf.repeat_interleave(group, dim=1), vc.repeat_interleave(group, dim=1)
     if not causal:
         state = kf.transpose(-1, -2) @ vc                                # (B, H, F, Dv)
         norm = kf.sum(-2)                                                 # (B, H, F)
@@ -33,13 +35,14 @@ def chunked_linear_attention(q, k, v, *, causal=True, chunk=64, eps=1e-6):
         qf, kf, vc = (F.pad(x, (0, 0, 0, pad)) for x in (qf, kf, vc))
     n = (s + pad) // chunk
     qc, kc, vv = (x.reshape(b, h, n, chunk, x.shape[-1]) for x in (qf, kf, vc))   # (B, H, N, C, *)
+    mask = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    scores = (qc @ kc.transpose(-1, -2)).masked_fill(~mask, 0.0)          # (B, H, N, C, C)
     kv = kc.transpose(-1, -2) @ vv                                        # (B, H, N, F, Dv)
     ksum = kc.sum(-2)                                                     # (B, H, N, F)
-    # exclusive prefix sums: the state before each chunk
-    kv_before = torch.cat([torch.zeros_like(kv[:, :, :1]), kv.cumsum(2)[:, :, :-1]], 2)
-    ksum_before = torch.cat([torch.zeros_like(ksum[:, :, :1]), ksum.cumsum(2)[:, :, :-1]], 2)
-    scores = (qc @ kc.transpose(-1, -2)).tril()                           # (B, H, N, C, C)
-    num = qc @ kv_before + scores @ vv
-    den = (qc * ksum_before[..., None, :]).sum(-1) + scores.sum(-1)
-    out = num / (den + eps)[..., None]
+    # exclusive prefix sums: the state entering each chunk
+    kv_before = kv.cumsum(2) - kv
+    ksum_before = ksum.cumsum(2) - ksum
+    num = scores @ vv + qc @ kv_before
+    den = scores.sum(-1) + (qc @ ksum_before.unsqueeze(-1)).squeeze(-1)
+    out = num / (den + eps).unsqueeze(-1)
     return out.reshape(b, h, n * chunk, -1)[:, :, :s].to(dtype)
