@@ -86,17 +86,29 @@ def _render_module():
 
 def test_readme_section_is_generated_from_the_results(record, tmp_path):
     render = _render_module()
+    measured = render.render_measured
     results = tmp_path / "results"
     results.mkdir()
     write(record, str(results / "pyattn-bench_softmax_cpu.json"))
-    (results / "other.json").write_text('{"an": "older result file"}')   # not pyattn-bench's: ignored
+    (results / "other.json").write_text('{"an": "older result file"}')   # neither kind: ignored
+    paired = {"date": "2026-11-23", "machine": "CPU", "isa": "avx2", "threads": 2, "torch": "2.13.0",
+              "shape": {"batch": 1, "heads": 8, "seq": 2048, "dim": 64}, "rounds": 5,
+              "results": [{"case": "fwd-fp32", "causal": c, "pyattn_ms": 10.0, "sdpa_ms": 12.5,
+                           "speedup_median_of_ratios": 1.25} for c in (False, True)]}
+    (results / "paired.json").write_text(json.dumps(paired))
     readme = tmp_path / "README.md"
-    readme.write_text(f"# title\n\nkept\n\n{render.START}\nstale\n{render.END}\n\nkept too\n")
+    readme.write_text(f"# title\n\nkept\n\n{render.START}\nstale\n{render.END}\n\nmiddle\n\n"
+                      f"{measured.START}\nstale too\n{measured.END}\n\nkept too\n")
     with pytest.raises(SystemExit):
         render.main(["--readme", str(readme), "--results", str(results), "--check"])
     render.main(["--readme", str(readme), "--results", str(results)])
     text = readme.read_text()
-    assert text.startswith("# title\n\nkept\n\n") and text.endswith(f"{render.END}\n\nkept too\n")
+    assert text.startswith("# title\n\nkept\n\n") and text.endswith(f"{measured.END}\n\nkept too\n")
     assert "stale" not in text and "| provider | S=16 |" in text and "| sdpa-math | " in text
     assert "flash-attn (flash-attn is not installed" in text
+    assert "| fwd-fp32 | 10.0 vs 12.5 ms: **1.25x** | 10.0 vs 12.5 ms: **1.25x** |" in text
     render.main(["--readme", str(readme), "--results", str(results), "--check"])   # up to date now
+
+
+def test_committed_readme_matches_the_committed_results():
+    _render_module().main(["--check"])
