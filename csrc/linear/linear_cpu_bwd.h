@@ -83,26 +83,12 @@ inline size_t bwd_scratch_floats(const LinearBwdParams& bp) {
 
 // Gradient of the final state (null: zeros) into dS, dz.
 inline void load_final_grad(const LinearBwdParams& bp, const HeadView& hv, float* dS, float* dz) {
-  const float* ds = bp.dfinal_s != nullptr ? bp.dfinal_s + hv.b * bp.dfinal_s_stride[0] +
-                                                 hv.h * bp.dfinal_s_stride[1]
-                                           : nullptr;
-  const float* dzp = bp.dfinal_z != nullptr ? bp.dfinal_z + hv.b * bp.dfinal_z_stride[0] +
-                                                  hv.h * bp.dfinal_z_stride[1]
-                                            : nullptr;
-  load_state(dS, hv.Dvp, hv.Fp, ds, hv.F, bp.dfinal_s_stride[2], hv.Dv, bp.dfinal_s_stride[3]);
-  load_state(dz, 1, hv.Fp, dzp, hv.F, bp.dfinal_z_stride[2], 1, 0);
+  load_head_state(hv, bp.dfinal_s, bp.dfinal_s_stride, bp.dfinal_z, bp.dfinal_z_stride, dS, dz);
 }
 
 inline void save_initial_grad(const LinearBwdParams& bp, const HeadView& hv, const float* dS,
                               const float* dz) {
-  if (bp.dstate_s != nullptr) {
-    save_state(bp.dstate_s + hv.b * bp.dstate_s_stride[0] + hv.h * bp.dstate_s_stride[1],
-               bp.dstate_s_stride[2], bp.dstate_s_stride[3], dS, hv.Dvp, hv.F, hv.Dv);
-  }
-  if (bp.dstate_z != nullptr) {
-    save_state(bp.dstate_z + hv.b * bp.dstate_z_stride[0] + hv.h * bp.dstate_z_stride[1],
-               bp.dstate_z_stride[2], 0, dz, 1, hv.F, 1);
-  }
+  save_head_state(hv, bp.dstate_s, bp.dstate_s_stride, bp.dstate_z, bp.dstate_z_stride, dS, dz);
 }
 
 inline void load_dout(const LinearBwdParams& bp, const HeadView& hv, int64_t t0, int64_t n,

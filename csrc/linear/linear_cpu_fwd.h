@@ -84,27 +84,33 @@ inline void load_v(const LinearFwdParams& p, const HeadView& hv, int64_t t0, int
              p.v_stride[3]);
 }
 
+// Head hv's rows of a (B, H, ...) float32 state tensor with element strides st, or null.
+template <typename T>
+inline T* head_state(T* base, const int64_t* st, const HeadView& hv) {
+  return base != nullptr ? base + hv.b * st[0] + hv.h * st[1] : nullptr;
+}
+
+// (s (B, H, F, Dv), z (B, H, F)) of head hv (null: zeros) -> the padded S, Z tiles.
+inline void load_head_state(const HeadView& hv, const float* s, const int64_t* s_st, const float* z,
+                            const int64_t* z_st, float* S, float* Z) {
+  load_state(S, hv.Dvp, hv.Fp, head_state(s, s_st, hv), hv.F, s_st[2], hv.Dv, s_st[3]);
+  load_state(Z, 1, hv.Fp, head_state(z, z_st, hv), hv.F, z_st[2], 1, 0);
+}
+
+// The padded S, Z tiles -> head hv's (s, z) (each skipped when null).
+inline void save_head_state(const HeadView& hv, float* s, const int64_t* s_st, float* z,
+                            const int64_t* z_st, const float* S, const float* Z) {
+  save_state(head_state(s, s_st, hv), s_st[2], s_st[3], S, hv.Dvp, hv.F, hv.Dv);
+  save_state(head_state(z, z_st, hv), z_st[2], 0, Z, 1, hv.F, 1);
+}
+
 inline void load_initial_state(const LinearFwdParams& p, const HeadView& hv, float* S, float* z) {
-  const float* s0 = p.state_s != nullptr
-                        ? p.state_s + hv.b * p.state_s_stride[0] + hv.h * p.state_s_stride[1]
-                        : nullptr;
-  const float* z0 = p.state_z != nullptr
-                        ? p.state_z + hv.b * p.state_z_stride[0] + hv.h * p.state_z_stride[1]
-                        : nullptr;
-  load_state(S, hv.Dvp, hv.Fp, s0, hv.F, p.state_s_stride[2], hv.Dv, p.state_s_stride[3]);
-  load_state(z, 1, hv.Fp, z0, hv.F, p.state_z_stride[2], 1, 0);
+  load_head_state(hv, p.state_s, p.state_s_stride, p.state_z, p.state_z_stride, S, z);
 }
 
 inline void save_final_state(const LinearFwdParams& p, const HeadView& hv, const float* S,
                              const float* z) {
-  if (p.final_s != nullptr) {
-    save_state(p.final_s + hv.b * p.final_s_stride[0] + hv.h * p.final_s_stride[1],
-               p.final_s_stride[2], p.final_s_stride[3], S, hv.Dvp, hv.F, hv.Dv);
-  }
-  if (p.final_z != nullptr) {
-    save_state(p.final_z + hv.b * p.final_z_stride[0] + hv.h * p.final_z_stride[1],
-               p.final_z_stride[2], 0, z, 1, hv.F, 1);
-  }
+  save_head_state(hv, p.final_s, p.final_s_stride, p.final_z, p.final_z_stride, S, z);
 }
 
 // o rows [0, n) (ld) -> out rows [t0, t0 + n), divided by d + eps when normalizing.
