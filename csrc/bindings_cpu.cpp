@@ -28,6 +28,13 @@ using Stride3 = std::array<int64_t, 3>;
 using Tensor4 = std::tuple<uintptr_t, Shape4>;   // data_ptr(), element strides
 using Tensor3 = std::tuple<uintptr_t, Stride3>;
 
+// The kernels' dtype code, shared by every binding (an unknown code would index past tables).
+void check_dtype(int dtype) {
+  if (dtype < 0 || dtype > 2) {
+    throw py::value_error("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  }
+}
+
 // The optional features both directions take as keyword arguments.
 struct Features {
   int dtype;
@@ -41,9 +48,7 @@ struct Features {
   uintptr_t cu_seqlens_q, cu_seqlens_k;
 
   void apply(pyattn::SoftmaxFwdParams& p) const {
-    if (dtype < 0 || dtype > 2) {
-      throw py::value_error("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
-    }
+    check_dtype(dtype);
     if (bias_kind < 0 || bias_kind > 2) {
       throw py::value_error("bias_kind must be 0 (none), 1 (float32) or 2 (bool)");
     }
@@ -124,9 +129,7 @@ struct LinearArgs {
   float scale, eps;
 
   void apply(pyattn::LinearFwdParams& p) const {
-    if (dtype < 0 || dtype > 2) {
-      throw py::value_error("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
-    }
+    check_dtype(dtype);
     if (feature_map < 0 || feature_map > 2) {
       throw py::value_error("feature_map must be 0 (identity), 1 (elu + 1) or 2 (relu)");
     }
