@@ -14,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bindings_args.h"
 #include "common/parallel.h"
 #include "softmax/params_from_args.h"
 #include "softmax/attention_cpu.h"
@@ -24,16 +25,11 @@ namespace py = pybind11;
 namespace {
 
 using pyattn::Shape4;
-using Stride3 = std::array<int64_t, 3>;
-using Tensor4 = std::tuple<uintptr_t, Shape4>;   // data_ptr(), element strides
-using Tensor3 = std::tuple<uintptr_t, Stride3>;
-
-// The kernels' dtype code, shared by every binding (an unknown code would index past tables).
-void check_dtype(int dtype) {
-  if (dtype < 0 || dtype > 2) {
-    throw py::value_error("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
-  }
-}
+using pyattn::bindings::check_dtype;
+using pyattn::bindings::LinearArgs;
+using pyattn::bindings::Stride3;
+using pyattn::bindings::Tensor3;
+using pyattn::bindings::Tensor4;
 
 // The optional features both directions take as keyword arguments.
 struct Features {
@@ -82,11 +78,6 @@ void softmax_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintp
   pyattn::cpu::softmax_fwd(p, num_threads);
 }
 
-template <size_t N>
-void copy_strides(int64_t (&dst)[N], const std::array<int64_t, N>& src) {
-  for (size_t d = 0; d < N; ++d) dst[d] = src[d];
-}
-
 void softmax_backward(const Tensor4& q, const Tensor4& k, const Tensor4& v, const Tensor4& out,
                       const Tensor4& dout, const Tensor3& lse, const Tensor3& dlse,
                       const Tensor4& dq, const Tensor4& dk, const Tensor4& dv,
@@ -94,95 +85,22 @@ void softmax_backward(const Tensor4& q, const Tensor4& k, const Tensor4& v, cons
                       const Shape4& v_size, float scale, bool causal,
                       int64_t window_left, int64_t window_right, float softcap, int num_threads,
                       const Features& features) {
-  pyattn::SoftmaxBwdParams p;
-  p.fwd = pyattn::softmax_fwd_params(
-      std::get<0>(q), std::get<0>(k), std::get<0>(v), std::get<0>(out), std::get<0>(lse), q_size,
-      std::get<1>(q), k_size, std::get<1>(k), v_size, std::get<1>(v), std::get<1>(out),
-      std::get<1>(lse), scale, causal, window_left, window_right, softcap);
+  pyattn::SoftmaxBwdParams p = pyattn::bindings::softmax_bwd_params(
+      q, k, v, out, dout, lse, dlse, dq, dk, dv, dbias, q_size, k_size, v_size, scale, causal,
+      window_left, window_right, softcap);
   features.apply(p.fwd);
-  p.dout = reinterpret_cast<const void*>(std::get<0>(dout));
-  copy_strides(p.dout_stride, std::get<1>(dout));
-  p.dlse = reinterpret_cast<const float*>(std::get<0>(dlse));
-  copy_strides(p.dlse_stride, std::get<1>(dlse));
-  p.dq = reinterpret_cast<void*>(std::get<0>(dq));
-  p.dk = reinterpret_cast<void*>(std::get<0>(dk));
-  p.dv = reinterpret_cast<void*>(std::get<0>(dv));
-  copy_strides(p.dq_stride, std::get<1>(dq));
-  copy_strides(p.dk_stride, std::get<1>(dk));
-  copy_strides(p.dv_stride, std::get<1>(dv));
-  p.dbias = reinterpret_cast<float*>(std::get<0>(dbias));
-  copy_strides(p.dbias_stride, std::get<1>(dbias));
   py::gil_scoped_release no_gil;
   pyattn::cpu::softmax_bwd(p, num_threads);
 }
 
 // ---------------------------------------------------------------- linear attention
 
-using Sizes6 = std::array<int64_t, 6>;  // batch, heads_q, heads_kv, seq, feature dim, dim_v
-
-// The plain arguments both directions take; only what keeps the kernels from dividing by
-// zero or indexing a table out of range is checked here (shapes were validated in Python).
-struct LinearArgs {
-  Sizes6 sizes;
-  int dtype, feature_map;
-  bool causal, normalize;
-  float scale, eps;
-
-  void apply(pyattn::LinearFwdParams& p) const {
-    check_dtype(dtype);
-    if (feature_map < 0 || feature_map > 2) {
-      throw py::value_error("feature_map must be 0 (identity), 1 (elu + 1) or 2 (relu)");
-    }
-    for (int64_t x : sizes) {
-      if (x < 0) throw py::value_error("sizes must be non-negative");
-    }
-    if (sizes[2] == 0 || sizes[1] % sizes[2] != 0) {
-      throw py::value_error("heads_kv must be positive and divide heads_q");
-    }
-    p.batch = sizes[0];
-    p.heads_q = sizes[1];
-    p.heads_kv = sizes[2];
-    p.seq = sizes[3];
-    p.feat = sizes[4];
-    p.dim_v = sizes[5];
-    p.dtype = dtype;
-    p.feature_map = feature_map;
-    p.causal = causal;
-    p.normalize = normalize;
-    p.scale = scale;
-    p.eps = eps;
-  }
-};
-
-template <typename T, size_t N>
-void take(T*& ptr, int64_t (&stride)[N], const std::tuple<uintptr_t, std::array<int64_t, N>>& t) {
-  ptr = reinterpret_cast<T*>(std::get<0>(t));
-  copy_strides(stride, std::get<1>(t));
-}
-
-void linear_inputs(pyattn::LinearFwdParams& p, const Tensor4& q, const Tensor4& k, const Tensor4& v,
-                   const Tensor3& log_decay, const Tensor4& state_s, const Tensor3& state_z) {
-  take(p.q, p.q_stride, q);
-  take(p.k, p.k_stride, k);
-  take(p.v, p.v_stride, v);
-  take(p.log_decay, p.decay_stride, log_decay);
-  take(p.state_s, p.state_s_stride, state_s);
-  take(p.state_z, p.state_z_stride, state_z);
-  if ((p.state_s == nullptr) != (p.state_z == nullptr)) {
-    throw py::value_error("give both parts of the initial state or neither");
-  }
-}
-
 void linear_forward(const Tensor4& q, const Tensor4& k, const Tensor4& v, const Tensor3& log_decay,
                     const Tensor4& state_s, const Tensor3& state_z, const Tensor4& out,
                     const Tensor4& final_s, const Tensor3& final_z, const LinearArgs& args,
                     int num_threads) {
-  pyattn::LinearFwdParams p;
-  args.apply(p);
-  linear_inputs(p, q, k, v, log_decay, state_s, state_z);
-  take(p.out, p.out_stride, out);
-  take(p.final_s, p.final_s_stride, final_s);
-  take(p.final_z, p.final_z_stride, final_z);
+  const pyattn::LinearFwdParams p = pyattn::bindings::linear_fwd_params(
+      args, q, k, v, log_decay, state_s, state_z, out, final_s, final_z);
   py::gil_scoped_release no_gil;
   pyattn::cpu::linear_fwd(p, num_threads);
 }
@@ -193,22 +111,9 @@ void linear_backward(const Tensor4& q, const Tensor4& k, const Tensor4& v, const
                      const Tensor4& dk, const Tensor4& dv, const Tensor3& dlog_decay,
                      const Tensor4& dstate_s, const Tensor3& dstate_z, const LinearArgs& args,
                      int num_threads) {
-  pyattn::LinearBwdParams p;
-  args.apply(p.fwd);
-  linear_inputs(p.fwd, q, k, v, log_decay, state_s, state_z);
-  take(p.dout, p.dout_stride, dout);
-  take(p.dfinal_s, p.dfinal_s_stride, dfinal_s);
-  take(p.dfinal_z, p.dfinal_z_stride, dfinal_z);
-  take(p.dq, p.dq_stride, dq);
-  take(p.dk, p.dk_stride, dk);
-  take(p.dv, p.dv_stride, dv);
-  take(p.dlog_decay, p.dlog_decay_stride, dlog_decay);
-  take(p.dstate_s, p.dstate_s_stride, dstate_s);
-  take(p.dstate_z, p.dstate_z_stride, dstate_z);
-  const bool empty = p.fwd.batch * p.fwd.heads_q * p.fwd.seq * p.fwd.feat * p.fwd.dim_v == 0;
-  if (!empty && (p.dq == nullptr || p.dk == nullptr || p.dv == nullptr)) {
-    throw py::value_error("linear_backward needs dq, dk and dv");
-  }
+  const pyattn::LinearBwdParams p = pyattn::bindings::linear_bwd_params(
+      args, q, k, v, log_decay, state_s, state_z, dout, dfinal_s, dfinal_z, dq, dk, dv, dlog_decay,
+      dstate_s, dstate_z);
   py::gil_scoped_release no_gil;
   pyattn::cpu::linear_bwd(p, num_threads);
 }
@@ -275,17 +180,7 @@ PYBIND11_MODULE(_C, m) {
         "dq, dk, dv (input dtype) and dbias ((B,Hq,Sq,Sk) float32 gradient of the final scores, "
         "ptr 0: not computed; elements of skipped blocks are left as they are, so pass zeros).");
 
-  py::class_<LinearArgs>(
-      m, "LinearArgs",
-      "Plain arguments of linear_forward / linear_backward: sizes (B, Hq, Hkv, S, F, Dv), dtype "
-      "(0 float32, 1 float16, 2 bfloat16), feature_map (0 identity, 1 elu + 1, 2 relu), causal, "
-      "normalize, scale (qf = f(q) * scale), eps.")
-      .def(py::init([](const Sizes6& sizes, int dtype, int feature_map, bool causal, bool normalize,
-                       float scale, float eps) {
-             return LinearArgs{sizes, dtype, feature_map, causal, normalize, scale, eps};
-           }),
-           py::kw_only(), py::arg("sizes"), py::arg("dtype"), py::arg("feature_map"),
-           py::arg("causal"), py::arg("normalize"), py::arg("scale"), py::arg("eps"));
+  pyattn::bindings::bind_linear_args(m);
 
   m.def("linear_forward", &linear_forward, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("log_decay"), py::arg("state_s"), py::arg("state_z"), py::arg("out"),

@@ -1,6 +1,7 @@
-// CUDA kernel of the fused softmax attention forward (float32, float16, bfloat16 inputs,
-// float32 accumulation), with the semantics of the CPU kernel: arbitrary strides, GQA,
-// bottom-right causal mask, sliding window, softcap, lse.
+// Scalar CUDA kernel of the fused softmax attention forward (float32, float16, bfloat16
+// inputs, float32 accumulation), with the semantics of the CPU kernel: arbitrary strides, GQA,
+// bottom-right causal mask, sliding window, softcap, lse. It runs float32 and head dims the
+// tensor-core kernel has no bucket for; its plan is attention_cuda_simt_plan.h.
 //
 // A straightforward tiled online softmax without tensor cores: a CTA of kWarps warps
 // owns kRows consecutive queries of one (batch, head); each key tile of 32 keys (and its
@@ -15,16 +16,17 @@
 #include <climits>
 #include <cstdint>
 
-#include "attention_cuda.h"
+#include "attention_cuda_kernels.h"
+#include "attention_cuda_simt_plan.h"
 
 namespace pyattn {
 namespace cuda {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kRowsPerWarp = 4;
-constexpr int kRows = kWarps * kRowsPerWarp;  // queries per CTA
-constexpr int kKeys = 32;                     // keys per tile, one per lane
+constexpr int kWarps = kSimtWarps;
+constexpr int kRowsPerWarp = kSimtRowsPerWarp;
+constexpr int kRows = kSimtRows;  // queries per CTA
+constexpr int kKeys = kSimtKeys;  // keys per tile, one per lane
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
@@ -53,12 +55,6 @@ __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
   return x;
-}
-
-size_t smem_bytes(int64_t head_dim, int64_t head_dim_v) {
-  // k tile padded by one column: lane j reads row j, so row stride D + 1 avoids bank conflicts.
-  return sizeof(float) * static_cast<size_t>(kKeys * (head_dim + 1) + kKeys * head_dim_v +
-                                             kRows * head_dim + kRows * head_dim_v + kWarps * kKeys);
 }
 
 template <typename T>
@@ -179,48 +175,26 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
-template <typename T>
-const char* launch(const SoftmaxFwdParams& p, int device, cudaStream_t stream) {
-  const int64_t q_blocks = (p.seq_q + kRows - 1) / kRows;
-  const int64_t n_ctas = p.batch * p.heads_q * q_blocks;
-  if (n_ctas == 0) return nullptr;
-  const size_t smem = smem_bytes(p.head_dim, p.head_dim_v);
-  int smem_max = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
-  if (smem > static_cast<size_t>(smem_max)) {
-    return "head_dim + head_dim_v too large for the CUDA softmax kernel's shared memory";
-  }
-  if (smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(softmax_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
-    if (err != cudaSuccess) return cudaGetErrorString(err);
-  }
-  // A grid-stride loop over CTAs: gridDim.x may be up to 2^31 - 1, and y/z are unused.
-  const unsigned grid = static_cast<unsigned>(n_ctas < INT_MAX ? n_ctas : INT_MAX);
-  softmax_fwd_kernel<T><<<grid, kWarps * 32, smem, stream>>>(p, q_blocks, n_ctas);
-  err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
 }  // namespace
 
-const char* softmax_fwd(const SoftmaxFwdParams& p, DType dtype, int device, void* stream) {
-  if (p.batch <= 0 || p.heads_q <= 0 || p.seq_q <= 0) return nullptr;
-  int previous = -1;
-  cudaError_t err = cudaGetDevice(&previous);
-  if (err != cudaSuccess) return cudaGetErrorString(err);
-  if (previous != device && (err = cudaSetDevice(device)) != cudaSuccess) return cudaGetErrorString(err);
-  const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const char* result = "unsupported dtype";
-  switch (dtype) {
-    case DType::kFloat32: result = launch<float>(p, device, s); break;
-    case DType::kFloat16: result = launch<__half>(p, device, s); break;
-    case DType::kBFloat16: result = launch<__nv_bfloat16>(p, device, s); break;
+template <typename T>
+cudaError_t softmax_fwd_simt(const SoftmaxFwdParams& p, const LaunchPlan& plan, cudaStream_t stream) {
+  if (plan.smem_bytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        softmax_fwd_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem_bytes));
+    if (err != cudaSuccess) return err;
   }
-  if (previous != device) cudaSetDevice(previous);
-  return result;
+  const int64_t q_blocks = (p.seq_q + kRows - 1) / kRows;
+  const int64_t n_ctas = p.batch * p.heads_q * q_blocks;
+  // A grid-stride loop over CTAs: the plan caps gridDim.x at 2^31 - 1.
+  softmax_fwd_kernel<T><<<static_cast<unsigned>(plan.grid[0]), plan.block, plan.smem_bytes, stream>>>(
+      p, q_blocks, n_ctas);
+  return cudaGetLastError();
 }
+
+template cudaError_t softmax_fwd_simt<float>(const SoftmaxFwdParams&, const LaunchPlan&, cudaStream_t);
+template cudaError_t softmax_fwd_simt<__half>(const SoftmaxFwdParams&, const LaunchPlan&, cudaStream_t);
+template cudaError_t softmax_fwd_simt<__nv_bfloat16>(const SoftmaxFwdParams&, const LaunchPlan&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace pyattn
