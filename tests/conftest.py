@@ -43,3 +43,45 @@ def poison_empty(monkeypatch):
 @pytest.fixture
 def no_default_backend(monkeypatch):
     monkeypatch.delenv("PYATTN_BACKEND", raising=False)
+
+
+# --------------------------------------------------------------------------- CUDA kernel verification record
+
+def pytest_addoption(parser):
+    parser.addoption("--record-cuda-verification", action="store_true",
+                     help="after a GPU run, write which pyattn._cuda kernels passed every test and the "
+                          "compute-sanitizer check exercising them to pyattn/dispatch/cuda_verified.json")
+
+
+_CUDA_OUTCOMES = []  # (kernel families, passed, sanitizer check, node id) of this session's tests
+
+
+@pytest.fixture
+def cuda_kernels(request):
+    """`cuda_kernels(*families, sanitizer=False)`: record that this test exercises these pyattn._cuda kernels."""
+    def record(*families, sanitizer=False):
+        request.node.user_properties.append(("cuda_kernels", (tuple(families), sanitizer)))
+    return record
+
+
+def pytest_runtest_logreport(report):
+    if report.when != "call" and not report.failed:
+        return
+    for key, (families, sanitizer) in report.user_properties:
+        if key == "cuda_kernels" and not report.skipped:
+            _CUDA_OUTCOMES.append((families, report.passed, sanitizer, report.nodeid))
+
+
+def pytest_sessionfinish(session):
+    if not session.config.getoption("--record-cuda-verification") or not _CUDA_OUTCOMES:
+        return
+    import datetime
+    import subprocess
+
+    from pyattn.dispatch import cuda_registry
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    environment = dict(device=torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                       torch=torch.__version__, cuda=torch.version.cuda, commit=commit or "?")
+    records = cuda_registry.summarize_tests(_CUDA_OUTCOMES, previous=cuda_registry.load(), environment=environment)
+    cuda_registry.write(records)

@@ -4,6 +4,7 @@ A backend is a module with:
 
 * ``NAME``; ``DEFAULT_OK``: whether ``backend=None`` may pick it (kernels not
   yet verified on real hardware are only run when named);
+* optionally ``kernel_status() -> dict``: per kernel, whether it is verified;
 * optionally ``not_default(request) -> str | None``: why ``backend=None`` should
   pass it over for this call although it could run it (Triton on CPU tensors
   runs under the slow interpreter: a debugging aid, not a fast path);
@@ -43,6 +44,9 @@ class Request:
     features: FrozenSet[str] = frozenset()  # e.g. {"dropout", "attn_bias", "softcap", "window"}
     head_dim: int = 0
     head_dim_v: int = 0
+    # (B, Hq, Hkv, Sq, Sk) for attention, (B, Hq, Hkv, S) for linear attention; () when unused.
+    # Backends that plan launches per shape (cuda) read it.
+    shape: Tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,9 @@ class BackendStatus:
     available: bool
     reason: Optional[str]  # why it is not available (None when it is)
     default_ok: bool  # whether backend=None may pick it
+    # kernel -> its verification status ("unverified", "passed on <device> (<date>)"), for backends whose
+    # kernels are picked by default only once verified on hardware (cuda)
+    kernels: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return self.available
@@ -100,7 +107,8 @@ def backends() -> Dict[str, BackendStatus]:
     out = {}
     for name in PRIORITY:
         reason = _unavailable(name)
-        out[name] = BackendStatus(reason is None, reason, _MODULES[name].DEFAULT_OK)
+        status = getattr(_MODULES[name], "kernel_status", dict)()
+        out[name] = BackendStatus(reason is None, reason, _MODULES[name].DEFAULT_OK, status)
     return out
 
 

@@ -5,6 +5,10 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+# The compiled modules' codes for dtypes and fused feature maps.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FEATURE_MAP_CODES = {"identity": 0, "elu": 1, "relu": 2}
+
 
 def compiled(load: Callable[[], object], reason: Callable[[], Optional[str]]):
     """The compiled module `load()` returns, or a RuntimeError saying why there is none."""
@@ -31,3 +35,18 @@ def packed_as_4d(x: torch.Tensor, batch: int, max_seqlen: int) -> Tuple[Tuple[in
 def pointer_and_strides(x: Optional[torch.Tensor], ndim: int) -> Tuple[int, Tuple[int, ...]]:
     """(data_ptr, element strides) of `x`, or (0, zeros) for None."""
     return (0, (0,) * ndim) if x is None else (x.data_ptr(), tuple(x.stride()))
+
+
+
+def linear_args(module, q, k, v, *, causal, feature_map, normalize, scale, eps):
+    """The plain arguments of a compiled module's linear_forward / linear_backward (its ``LinearArgs``)."""
+    b, hq, s, f = q.shape
+    return module.LinearArgs(sizes=(b, hq, k.shape[1], s, f, v.shape[-1]), dtype=DTYPE_CODES[q.dtype],
+                             feature_map=FEATURE_MAP_CODES[feature_map], causal=bool(causal),
+                             normalize=bool(normalize), scale=float(scale), eps=float(eps))
+
+
+def linear_inputs(q, k, v, log_decay, state_s, state_z):
+    """(pointer, strides) of the linear-attention inputs, in the order both modules take them."""
+    return (pointer_and_strides(q, 4), pointer_and_strides(k, 4), pointer_and_strides(v, 4),
+            pointer_and_strides(log_decay, 3), pointer_and_strides(state_s, 4), pointer_and_strides(state_z, 3))

@@ -15,9 +15,8 @@ import torch
 
 from .. import _extension
 from ..reference import dropout_threshold
-from ._marshal import compiled, packed_as_4d, pointer_and_strides, softmax_forward_args
+from ._marshal import DTYPE_CODES, compiled, packed_as_4d, pointer_and_strides, softmax_forward_args
 
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 Varlen = Tuple[torch.Tensor, torch.Tensor, int, int]
 
 
@@ -40,7 +39,7 @@ def _features(module, q: torch.Tensor, k: torch.Tensor, attn_bias: Optional[torc
         _, heads, seq_q, _ = q.shape
         seq_k = k.shape[2]
         counter_stride = (heads * seq_q * seq_k, seq_q * seq_k, seq_k)
-    return module.Features(dtype=_DTYPE_CODES[q.dtype], bias=bias_ptr, bias_kind=bias_kind, bias_stride=bias_stride,
+    return module.Features(dtype=DTYPE_CODES[q.dtype], bias=bias_ptr, bias_kind=bias_kind, bias_stride=bias_stride,
                            dropout_p=float(dropout_p),
                            dropout_threshold=dropout_threshold(dropout_p) if dropout_p else 0,
                            dropout_seed=int(dropout_seed) & 0xFFFFFFFFFFFFFFFF, dropout_stride=counter_stride,

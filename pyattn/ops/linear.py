@@ -123,7 +123,8 @@ def _plan_linear_attention(q, k, v, *, causal=True, feature_map="elu", normalize
     features = {n for n, used in (("causal", causal), ("decay", decay is not None),
                                   ("initial_state", s0 is not None)) if used}
     request = dispatch.Request("linear_attention", q.device, q.dtype, needs_grad(qf, kf, v, decay, s0, z0),
-                               frozenset(features), qf.shape[-1], v.shape[-1])
+                               frozenset(features), qf.shape[-1], v.shape[-1],
+                               (q.shape[0], q.shape[1], k.shape[1], q.shape[2]))
     return dispatch.choose(request, backend), (qf, kf, v, decay, s0, z0), dict(params, feature_map=name)
 
 

@@ -67,7 +67,8 @@ def _plan_attention(q, k, v, *, causal=False, scale=None, window=(-1, -1), softc
         attn_bias = attn_bias[(None,) * (4 - attn_bias.dim())]  # a view: kernels see 4 dims, size 1 = broadcast
         features.add("attn_bias")
     request = dispatch.Request("attention", q.device, q.dtype, needs_grad(q, k, v, attn_bias),
-                               frozenset(features), d, dv)
+                               frozenset(features), d, dv,
+                               (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2]))
     return dispatch.choose(request, backend), attn_bias, params
 
 
