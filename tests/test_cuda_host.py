@@ -451,3 +451,15 @@ def test_linear_launchers_pass_the_arguments_the_cpu_module_takes(recorder):
     assert kw["args"].__class__.__name__ == "LinearArgs" and kw["device_info"] == H100
     plan = linear_plan("forward", 1, 4, 2, 100, 32, 48, dtype=F32, decay=True)
     assert kw["workspace"][1] == plan["workspace_floats"]
+
+
+def test_device_info_from_torch_properties(monkeypatch):
+    from types import SimpleNamespace
+
+    from pyattn.launchers import cuda_softmax
+
+    props = SimpleNamespace(major=9, minor=0, multi_processor_count=132, shared_memory_per_block_optin=232448)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert cuda_softmax.device_info(torch.device("cuda", 0)) == (9, 0, 132, 232448)
+    del props.shared_memory_per_block_optin  # older builds: the architecture's documented limit
+    assert cuda_softmax.device_info(torch.device("cuda", 0)) == (9, 0, 132, 227 * 1024)

@@ -24,7 +24,13 @@ def device_info(device: torch.device) -> tuple:
     """(major, minor, multiprocessors, max opt-in shared memory per block) of a CUDA device, what the
     launch plans need."""
     p = torch.cuda.get_device_properties(device)
-    return (p.major, p.minor, p.multi_processor_count, p.shared_memory_per_block_optin)
+    optin = getattr(p, "shared_memory_per_block_optin", None)  # not in every torch build's properties
+    if optin is None:  # the CUDA programming guide's limits for the architectures the wheel targets
+        optin = _SMEM_OPTIN.get((p.major, p.minor), 99 * 1024 if p.major >= 8 else 48 * 1024)
+    return (p.major, p.minor, p.multi_processor_count, int(optin))
+
+
+_SMEM_OPTIN = {(8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024, (10, 0): 227 * 1024}
 
 
 def workspace(plan: dict, device: torch.device) -> tuple:
