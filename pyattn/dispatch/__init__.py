@@ -130,9 +130,11 @@ def choose(request: Request, backend: Optional[str]) -> Plan:
         return Plan(request.op, backend, _MODULES[backend].kernel(request))
     passed_over = []
     for name in PRIORITY:
-        why = _why_not(name, request)
-        if why is None and not _MODULES[name].DEFAULT_OK:
-            why = "not verified on hardware yet; only used when named"
+        # A backend barred from default use is not asked further (planning a CUDA launch costs
+        # microseconds that a decoding step should not pay for a kernel it will not run).
+        why = _unavailable(name) or (None if _MODULES[name].DEFAULT_OK else
+                                     "not verified on hardware yet; only used when named")
+        why = why or _MODULES[name].cannot_run(request)
         if why is None and hasattr(_MODULES[name], "not_default"):
             why = _MODULES[name].not_default(request)
         if why is None:
