@@ -182,7 +182,12 @@ void merge_split_rows(int splits, int64_t rows, int dv, uintptr_t part_lse, uint
 
 }  // namespace
 
-PYBIND11_MODULE(_cuda, m) {
+// The CPU emulation's build of these bindings (tests/cuda_emulation) picks another name.
+#ifndef PYATTN_CUDA_MODULE_NAME
+#define PYATTN_CUDA_MODULE_NAME _cuda
+#endif
+
+PYBIND11_MODULE(PYATTN_CUDA_MODULE_NAME, m) {
   m.doc() = "pyattn CUDA kernels (raw pointers; call them through pyattn.launchers)";
 
   m.def("plan_softmax", &plan_softmax, py::arg("direction"), py::arg("q_size"), py::arg("k_size"),

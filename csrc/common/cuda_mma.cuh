@@ -4,7 +4,9 @@
 //
 // The index helpers follow the PTX ISA's fragment layouts; they are kept free of CUDA
 // intrinsics (and compile with a host C++ compiler when __CUDACC__ is not defined) so a
-// host program can emulate one warp and check them against a plain matmul.
+// host program can emulate one warp and check them against a plain matmul. Under the CPU
+// emulation (PYATTN_CUDA_EMULATION, tests/cuda_emulation) the instructions are the emulator's
+// host versions, written from the PTX ISA independently of these helpers.
 //
 // Conventions (g = lane / 4, t = lane % 4):
 //   A (16 x 16, row-major), 4 registers of 2 elements: reg r, half h holds
@@ -16,10 +18,14 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
+#if defined(__CUDACC__) || defined(PYATTN_CUDA_EMULATION)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define PYATTN_MMA_HD __host__ __device__ __forceinline__
+#define PYATTN_MMA_DEVICE_CODE 1
+#if defined(PYATTN_CUDA_EMULATION)
+#include <pyattn_emu_ptx.h>
+#endif
 #else
 #define PYATTN_MMA_HD inline
 #endif
@@ -62,7 +68,7 @@ PYATTN_MMA_HD int ldsm_bn_col(int lane) { return 8 * ((lane >> 3) & 1); }
 PYATTN_MMA_HD int ldsm_bk_row(int lane) { return (lane & 7) + 8 * ((lane >> 3) & 1); }
 PYATTN_MMA_HD int ldsm_bk_col(int lane) { return 8 * (lane >> 4); }
 
-#if defined(__CUDACC__)
+#if defined(PYATTN_MMA_DEVICE_CODE)
 
 // ---------------------------------------------------------------- instructions
 
@@ -70,6 +76,28 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+#if defined(PYATTN_CUDA_EMULATION)
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) { pyattn_emu::ldmatrix<4>(r, addr, false); }
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  pyattn_emu::ldmatrix<4>(r, addr, true);
+}
+__device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], uint32_t addr) { pyattn_emu::ldmatrix<2>(r, addr, false); }
+__device__ __forceinline__ void ldsm_x2_trans(uint32_t (&r)[2], uint32_t addr) {
+  pyattn_emu::ldmatrix<2>(r, addr, true);
+}
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  pyattn_emu::mma_m16n8k16<T>(c, a, b0, b1);
+}
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  pyattn_emu::cp_async_16(dst, src, src_bytes);
+}
+__device__ __forceinline__ void cp_async_commit() { pyattn_emu::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  pyattn_emu::cp_async_wait(N);
+}
+#else
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -132,6 +160,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#endif  // PYATTN_CUDA_EMULATION
 
 // ---------------------------------------------------------------- conversions
 
@@ -176,7 +205,7 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-#endif  // __CUDACC__
+#endif  // PYATTN_MMA_DEVICE_CODE
 
 }  // namespace mma
 }  // namespace cuda

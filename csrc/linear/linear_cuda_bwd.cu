@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kLinThreads)
                         float* dstates, float* dzstates) {
   using kL = DsweepLayout<kBucket>;
   constexpr int C = kL::chunk, LD = kBucket + 1, BV = kFwdBV, MF = kBucket / 16, NV = BV / 16;
-  extern __shared__ float sm[];
+  PYATTN_DYNAMIC_SMEM(float, sm);
   float* qs = sm + kL::q;
   float* dos = sm + kL::dout;
   float* dSs = sm + kL::ds;
@@ -203,7 +203,7 @@ __global__ void __launch_bounds__(kLinThreads)
   using kL = BwdLayout<kBucket>;
   constexpr int C = kL::chunk, LD = kBucket + 1, CL = C + 1;
   constexpr int MC = C / 16, MB = kBucket / 16, kWarps = kLinThreads / 32;
-  extern __shared__ float sm[];
+  PYATTN_DYNAMIC_SMEM(float, sm);
   float* qs = sm + kL::q;
   float* ks = sm + kL::k;
   float* vs = sm + kL::v;
@@ -585,7 +585,7 @@ cudaError_t linear_chunk_bwd(const LinearBwdParams& bp, const LaunchPlan& plan, 
     const int64_t smem = fwd_smem(kBucket, C).total * 4;
     err = lin::set_smem(reinterpret_cast<const void*>(kernel), smem);
     if (err != cudaSuccess) return err;
-    kernel<<<tiles, kLinThreads, smem, stream>>>(fp, sw);
+    PYATTN_LAUNCH(kernel, tiles, kLinThreads, smem, stream)(fp, sw);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -595,8 +595,8 @@ cudaError_t linear_chunk_bwd(const LinearBwdParams& bp, const LaunchPlan& plan, 
     const int64_t smem = dsweep_smem(kBucket).total * 4;
     err = lin::set_smem(reinterpret_cast<const void*>(kernel), smem);
     if (err != cudaSuccess) return err;
-    kernel<<<tiles, kLinThreads, smem, stream>>>(bp, workspace + wl.r, workspace + wl.dn,
-                                                 workspace + wl.dstates, workspace + wl.dzs);
+    PYATTN_LAUNCH(kernel, tiles, kLinThreads, smem, stream)(bp, workspace + wl.r, workspace + wl.dn,
+                                                            workspace + wl.dstates, workspace + wl.dzs);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -610,9 +610,9 @@ cudaError_t linear_chunk_bwd(const LinearBwdParams& bp, const LaunchPlan& plan, 
     float* dk_part = wl.gqa ? workspace + wl.dk_part : nullptr;
     float* dv_part = wl.gqa ? workspace + wl.dv_part : nullptr;
     const unsigned blocks = static_cast<unsigned>(bh * wl.nc);
-    kernel<<<blocks, kLinThreads, smem, stream>>>(bp, workspace + wl.states, workspace + wl.zs,
-                                                  workspace + wl.dstates, workspace + wl.dzs,
-                                                  dk_part, dv_part);
+    PYATTN_LAUNCH(kernel, blocks, kLinThreads, smem, stream)(bp, workspace + wl.states, workspace + wl.zs,
+                                                             workspace + wl.dstates, workspace + wl.dzs,
+                                                             dk_part, dv_part);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -623,12 +623,12 @@ cudaError_t linear_chunk_bwd(const LinearBwdParams& bp, const LaunchPlan& plan, 
     const int64_t blocks_max = 8 * 132;  // grid-stride: a few waves of any GPU are enough
     int64_t blocks = cdiv64(rows * p.feat, kReduceThreads);
     blocks = blocks < blocks_max ? blocks : blocks_max;
-    lin::reduce_group_kernel<T><<<static_cast<unsigned>(blocks), kReduceThreads, 0, stream>>>(
+    PYATTN_LAUNCH(lin::reduce_group_kernel<T>, static_cast<unsigned>(blocks), kReduceThreads, 0, stream)(
         workspace + wl.dk_part, static_cast<T*>(bp.dk), bp.dk_stride[0], bp.dk_stride[1],
         bp.dk_stride[2], bp.dk_stride[3], p.batch, p.heads_kv, group, p.seq, p.feat);
     blocks = cdiv64(rows * p.dim_v, kReduceThreads);
     blocks = blocks < blocks_max ? blocks : blocks_max;
-    lin::reduce_group_kernel<T><<<static_cast<unsigned>(blocks), kReduceThreads, 0, stream>>>(
+    PYATTN_LAUNCH(lin::reduce_group_kernel<T>, static_cast<unsigned>(blocks), kReduceThreads, 0, stream)(
         workspace + wl.dv_part, static_cast<T*>(bp.dv), bp.dv_stride[0], bp.dv_stride[1],
         bp.dv_stride[2], bp.dv_stride[3], p.batch, p.heads_kv, group, p.seq, p.dim_v);
   }

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "../common/cuda_launch_macro.h"
 #include "linear_cuda_plan.h"
 #include "linear_params.h"
 
@@ -237,7 +238,7 @@ __global__ void __launch_bounds__(kLinThreads, 1)
   using kL = FwdLayout<kBucket, C>;
   constexpr int LD = kBucket + 1, CL = C + 1, BV = kFwdBV;
   constexpr int MC = C / 16, NV = BV / 16, MF = kBucket / 16;
-  extern __shared__ float sm[];
+  PYATTN_DYNAMIC_SMEM(float, sm);
   float* qs = sm + kL::q;
   float* ks = sm + kL::k;
   float* vs = sm + kL::v;

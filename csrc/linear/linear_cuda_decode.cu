@@ -139,7 +139,8 @@ cudaError_t linear_recurrent_fwd(const LinearFwdParams& p, const LaunchPlan& pla
                                  cudaStream_t stream) {
   if (plan.grid[0] == 0 || plan.grid[1] == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(plan.grid[0]), static_cast<unsigned>(plan.grid[1]), 1);
-  lin::recurrent_fwd_kernel<T, kBucket><<<grid, kRecBV * kRecWarps, 0, stream>>>(p);
+  const auto kernel = lin::recurrent_fwd_kernel<T, kBucket>;
+  PYATTN_LAUNCH(kernel, grid, kRecBV * kRecWarps, 0, stream)(p);
   return cudaGetLastError();
 }
 

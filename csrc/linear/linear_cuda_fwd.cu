@@ -25,7 +25,7 @@ cudaError_t linear_chunk_fwd(const LinearFwdParams& p, const LaunchPlan& plan, f
   const unsigned nvt = static_cast<unsigned>(plan.grid[1]);
   if (plan.workspace_floats == 0) {  // one pass
     const dim3 grid(static_cast<unsigned>(plan.grid[0]), nvt, 1);
-    kernel<<<grid, kLinThreads, smem, stream>>>(p, lin::SweepArgs{});
+    PYATTN_LAUNCH(kernel, grid, kLinThreads, smem, stream)(p, lin::SweepArgs{});
     return cudaGetLastError();
   }
   // Two passes: the state entering every chunk (and the final state), then every chunk's output.
@@ -37,7 +37,7 @@ cudaError_t linear_chunk_fwd(const LinearFwdParams& p, const LaunchPlan& plan, f
   first.zstates = workspace + bh * nc * p.feat * p.dim_v;
   const dim3 sweep_grid(static_cast<unsigned>(bh), nvt, 1);
   const int64_t sweep_smem = fwd_smem(kBucket, kFwdChunk).states_only * 4;  // no q, no A
-  kernel<<<sweep_grid, kLinThreads, sweep_smem, stream>>>(states_only, first);
+  PYATTN_LAUNCH(kernel, sweep_grid, kLinThreads, sweep_smem, stream)(states_only, first);
   err = cudaGetLastError();
   if (err != cudaSuccess || p.out == nullptr) return err;
   LinearFwdParams output_only = p;
@@ -47,7 +47,7 @@ cudaError_t linear_chunk_fwd(const LinearFwdParams& p, const LaunchPlan& plan, f
   second.in_states = first.states;
   second.in_zstates = first.zstates;
   const dim3 chunk_grid(static_cast<unsigned>(plan.grid[0]), nvt, 1);
-  kernel<<<chunk_grid, kLinThreads, smem, stream>>>(output_only, second);
+  PYATTN_LAUNCH(kernel, chunk_grid, kLinThreads, smem, stream)(output_only, second);
   return cudaGetLastError();
 }
 

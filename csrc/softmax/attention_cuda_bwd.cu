@@ -20,6 +20,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "../common/cuda_launch_macro.h"
 #include "../common/cuda_mma.cuh"
 #include "attention_cuda_kernels.h"
 #include "attention_cuda_mma_plan.h"
@@ -32,9 +33,13 @@ namespace {
 constexpr float kLog2e = 1.4426950408889634f;
 
 __device__ __forceinline__ float fast_exp2(float x) {
+#if defined(PYATTN_CUDA_EMULATION)
+  return pyattn_emu::ex2_approx_ftz(x);
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));  // ex2(-inf) = +0
   return y;
+#endif
 }
 
 // Which dK / dV the main kernel computes: both (head dims <= 128) or, at 256 where the two
@@ -331,7 +336,7 @@ __global__ void __launch_bounds__(kMmaThreads) softmax_bwd_mma_kernel(const BwdA
   constexpr int kBlockN = kBwdBlockN, kBlockM = MmaTiles<kHeadDim>::kBwdBlockM;
   constexpr int kPitch = MmaTiles<kHeadDim>::kPitch, kPitchS = MmaTiles<kHeadDim>::kBwdPitchS;
   constexpr bool kDV = kMode != kBwdOnlyDKDQ, kDK = kMode != kBwdOnlyDV;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  PYATTN_DYNAMIC_SMEM(__align__(16) unsigned char, smem_raw);
   T* k_s = reinterpret_cast<T*>(smem_raw);
   T* v_s = k_s + kBlockN * kPitch;
   T* q_s = v_s + kBlockN * kPitch;
@@ -452,7 +457,7 @@ cudaError_t launch_main(const BwdArgs& a, int smem, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   const int64_t grid = a.n_ctas < kMaxGridX ? a.n_ctas : kMaxGridX;
-  kernel<<<static_cast<unsigned>(grid), kMmaThreads, smem, stream>>>(a);
+  PYATTN_LAUNCH(kernel, static_cast<unsigned>(grid), kMmaThreads, smem, stream)(a);
   return cudaGetLastError();
 }
 
@@ -497,7 +502,7 @@ cudaError_t softmax_bwd_mma(const SoftmaxBwdParams& p, const LaunchPlan& plan, f
   const int64_t row_blocks_needed = (a.rows + kBwdRowWarps - 1) / kBwdRowWarps;
   const unsigned row_blocks = static_cast<unsigned>(row_blocks_needed < (1 << 20) ? row_blocks_needed : (1 << 20));
   if (a.rows > 0) {
-    bwd_prepare_kernel<T><<<row_blocks, kBwdRowWarps * 32, 0, stream>>>(a);
+    PYATTN_LAUNCH(bwd_prepare_kernel<T>, row_blocks, kBwdRowWarps * 32, 0, stream)(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   const bool split_kv_sums = a.splits > 1 && a.kv_rows > 0;
@@ -515,13 +520,13 @@ cudaError_t softmax_bwd_mma(const SoftmaxBwdParams& p, const LaunchPlan& plan, f
     }
   }
   if (a.rows > 0) {
-    bwd_convert_dq_kernel<T><<<row_blocks, kBwdRowWarps * 32, 0, stream>>>(a);
+    PYATTN_LAUNCH(bwd_convert_dq_kernel<T>, row_blocks, kBwdRowWarps * 32, 0, stream)(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   if (split_kv_sums) {
     const int64_t kv_blocks_needed = (a.kv_rows + kBwdRowWarps - 1) / kBwdRowWarps;
     const unsigned kv_blocks = static_cast<unsigned>(kv_blocks_needed < (1 << 20) ? kv_blocks_needed : (1 << 20));
-    bwd_convert_dkv_kernel<T><<<kv_blocks, kBwdRowWarps * 32, 0, stream>>>(a);
+    PYATTN_LAUNCH(bwd_convert_dkv_kernel<T>, kv_blocks, kBwdRowWarps * 32, 0, stream)(a);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   return cudaSuccess;

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "../common/cuda_launch_macro.h"
 #include "attention_cuda_decode_plan.h"
 #include "attention_cuda_kernels.h"
 #include "lse_merge.h"
@@ -95,10 +96,17 @@ __device__ __forceinline__ void unpack_chunk(const uint4& c, float (&f)[16 / siz
 // only the first `src_bytes` are read, the rest of the 16 is zero-filled.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
   const unsigned d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+#if defined(PYATTN_CUDA_EMULATION)
+  pyattn_emu::cp_async_16(d, src, src_bytes);
+}
+__device__ __forceinline__ void cp_async_commit() { pyattn_emu::cp_async_commit(); }
+__device__ __forceinline__ void cp_async_wait_all() { pyattn_emu::cp_async_wait(0); }
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes) : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+#endif
 
 // Elements d0 .. d0 + 16/sizeof(T) - 1 of a row (element stride `stride`) into 16 bytes of
 // shared memory, zero past `dim` and for a key outside the tile's range (`live` false; the
@@ -380,7 +388,7 @@ template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kDecodeThreads, (Cfg<T, kHeadDim>::kMinBlocks))
     decode_split_kernel(const SoftmaxFwdParams p, const DecodeArgs a) {
   using C = Cfg<T, kHeadDim>;
-  extern __shared__ __align__(16) unsigned char smem[];
+  PYATTN_DYNAMIC_SMEM(__align__(16) unsigned char, smem);
   float* q_s = reinterpret_cast<float*>(smem + C::kQOff);
   int64_t* lo_s = reinterpret_cast<int64_t*>(smem + C::kLoOff);
   int64_t* hi_s = reinterpret_cast<int64_t*>(smem + C::kHiOff);
@@ -609,12 +617,13 @@ cudaError_t softmax_decode(const SoftmaxFwdParams& p, const LaunchPlan& plan, fl
     if (err != cudaSuccess) return err;
   }
   const unsigned grid = static_cast<unsigned>(a.n_ctas < kMaxGridX ? a.n_ctas : kMaxGridX);
-  decode_split_kernel<T, kHeadDim><<<grid, kDecodeThreads, smem, stream>>>(p, a);
+  const auto split_kernel = decode_split_kernel<T, kHeadDim>;
+  PYATTN_LAUNCH(split_kernel, grid, kDecodeThreads, smem, stream)(p, a);
   if (a.splits > 1) {
     const int64_t blocks = (a.rows_total + kDecodeCombineWarps - 1) / kDecodeCombineWarps;
     const unsigned cgrid = static_cast<unsigned>(blocks < kMaxGridX ? blocks : kMaxGridX);
-    decode_combine_kernel<T><<<cgrid, kDecodeCombineWarps * 32, 0, stream>>>(p, a.ws_out, a.ws_lse, a.splits,
-                                                                           a.rows_total);
+    PYATTN_LAUNCH(decode_combine_kernel<T>, cgrid, kDecodeCombineWarps * 32, 0, stream)(p, a.ws_out, a.ws_lse, a.splits,
+                                                                                       a.rows_total);
   }
   return cudaGetLastError();
 }

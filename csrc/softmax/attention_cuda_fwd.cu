@@ -13,6 +13,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "../common/cuda_launch_macro.h"
 #include "../common/cuda_mma.cuh"
 #include "attention_cuda_kernels.h"
 #include "attention_cuda_mma_plan.h"
@@ -26,9 +27,13 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 __device__ __forceinline__ float fast_exp2(float x) {
+#if defined(PYATTN_CUDA_EMULATION)
+  return pyattn_emu::ex2_approx_ftz(x);
+#else
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));  // ex2(-inf) = +0
   return y;
+#endif
 }
 
 struct FwdArgs {
@@ -151,7 +156,7 @@ template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(kMmaThreads) softmax_fwd_mma_kernel(const FwdArgs a) {
   constexpr int kBlockM = kFwdBlockM, kBlockN = MmaTiles<kHeadDim>::kFwdBlockN;
   constexpr int kPitch = MmaTiles<kHeadDim>::kPitch;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  PYATTN_DYNAMIC_SMEM(__align__(16) unsigned char, smem_raw);
   T* q_s = reinterpret_cast<T*>(smem_raw);
   T* k_s = q_s + kBlockM * kPitch;
   T* v_s = k_s + kBlockN * kPitch;
@@ -273,7 +278,7 @@ cudaError_t softmax_fwd_mma(const SoftmaxFwdParams& p, const LaunchPlan& plan, c
     if (err != cudaSuccess) return err;
   }
   const int64_t grid = a.n_ctas < kMaxGridX ? a.n_ctas : kMaxGridX;
-  kernel<<<static_cast<unsigned>(grid), kMmaThreads, smem, stream>>>(a);
+  PYATTN_LAUNCH(kernel, static_cast<unsigned>(grid), kMmaThreads, smem, stream)(a);
   return cudaGetLastError();
 }
 

@@ -16,6 +16,7 @@
 #include <climits>
 #include <cstdint>
 
+#include "../common/cuda_launch_macro.h"
 #include "attention_cuda_kernels.h"
 #include "attention_cuda_simt_plan.h"
 
@@ -60,7 +61,7 @@ __device__ __forceinline__ float warp_sum(float x) {
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32)
     softmax_fwd_kernel(const SoftmaxFwdParams p, int64_t q_blocks, int64_t n_ctas) {
-  extern __shared__ float smem[];
+  PYATTN_DYNAMIC_SMEM(float, smem);
   const int D = static_cast<int>(p.head_dim), Dv = static_cast<int>(p.head_dim_v);
   float* k_s = smem;                  // [kKeys][D + 1]
   float* v_s = k_s + kKeys * (D + 1);  // [kKeys][Dv]
@@ -187,7 +188,7 @@ cudaError_t softmax_fwd_simt(const SoftmaxFwdParams& p, const LaunchPlan& plan, 
   const int64_t q_blocks = (p.seq_q + kRows - 1) / kRows;
   const int64_t n_ctas = p.batch * p.heads_q * q_blocks;
   // A grid-stride loop over CTAs: the plan caps gridDim.x at 2^31 - 1.
-  softmax_fwd_kernel<T><<<static_cast<unsigned>(plan.grid[0]), plan.block, plan.smem_bytes, stream>>>(
+  PYATTN_LAUNCH(softmax_fwd_kernel<T>, static_cast<unsigned>(plan.grid[0]), plan.block, plan.smem_bytes, stream)(
       p, q_blocks, n_ctas);
   return cudaGetLastError();
 }

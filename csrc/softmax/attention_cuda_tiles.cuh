@@ -37,7 +37,7 @@ inline bool rows_4b_aligned(const void* base, const int64_t (&stride)[4]) {
          stride[1] % 2 == 0 && stride[2] % 2 == 0;
 }
 
-#if defined(__CUDACC__)
+#if defined(PYATTN_MMA_DEVICE_CODE)
 
 // Loads rows [0, kRows) x columns [0, kCols) of the matrix at g (row stride rs, column
 // stride cs, elements) into the padded shared tile s; rows >= rows_valid and columns >=
@@ -154,7 +154,7 @@ __device__ __forceinline__ void store_c(T* g, int64_t rs, int64_t cs, const floa
   }
 }
 
-#endif  // __CUDACC__
+#endif  // PYATTN_MMA_DEVICE_CODE
 
 }  // namespace tiles
 }  // namespace cuda
