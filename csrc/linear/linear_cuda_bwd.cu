@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kLinThreads)
       const int t = i / BV, c = i - t * BV;
       float x = 0.0f;
       if (dout != nullptr && t < n && c < ncols) {
-        x = to_f(dout[(t0 + t) * bp.dout_stride[2] + c * bp.dout_stride[3]]) * r[t0 + t];
+        x = to_float(dout[(t0 + t) * bp.dout_stride[2] + c * bp.dout_stride[3]]) * r[t0 + t];
       }
       dos[i] = x;
     }
@@ -413,9 +413,9 @@ __global__ void __launch_bounds__(kLinThreads)
         const int64_t tt = t0 + t;
         float x = u[i][j] * p.scale;
         if (!identity) {
-          x *= fmap_grad(to_f(q[tt * p.q_stride[2] + f * p.q_stride[3]]), p.feature_map);
+          x *= fmap_grad(to_float(q[tt * p.q_stride[2] + f * p.q_stride[3]]), p.feature_map);
         }
-        dq[tt * bp.dq_stride[2] + f * bp.dq_stride[3]] = from_f<T>(x);
+        dq[tt * bp.dq_stride[2] + f * bp.dq_stride[3]] = from_float<T>(x);
       }
     }
 
@@ -445,7 +445,7 @@ __global__ void __launch_bounds__(kLinThreads)
           if (dv_part != nullptr) {
             dv_part[tt * Dv + c] = acc[i][j];
           } else {
-            dv[tt * bp.dv_stride[2] + c * bp.dv_stride[3]] = from_f<T>(acc[i][j]);
+            dv[tt * bp.dv_stride[2] + c * bp.dv_stride[3]] = from_float<T>(acc[i][j]);
           }
         }
       }
@@ -484,12 +484,12 @@ __global__ void __launch_bounds__(kLinThreads)
           const int64_t tt = t0 + s;
           float x = acc[i][j];
           if (!identity) {
-            x *= fmap_grad(to_f(k[tt * p.k_stride[2] + f * p.k_stride[3]]), p.feature_map);
+            x *= fmap_grad(to_float(k[tt * p.k_stride[2] + f * p.k_stride[3]]), p.feature_map);
           }
           if (dk_part != nullptr) {
             dk_part[tt * F + f] = x;
           } else {
-            dk[tt * bp.dk_stride[2] + f * bp.dk_stride[3]] = from_f<T>(x);
+            dk[tt * bp.dk_stride[2] + f * bp.dk_stride[3]] = from_float<T>(x);
           }
         }
       }
@@ -552,7 +552,7 @@ __global__ void __launch_bounds__(kReduceThreads)
     const float* src = part + ((b * heads_kv + kvh) * group * seq + t) * cols + c;
     float x = 0.0f;
     for (int64_t g = 0; g < group; ++g) x += src[g * seq * cols];
-    dst[b * s0 + kvh * s1 + t * s2 + c * s3] = from_f<T>(x);
+    dst[b * s0 + kvh * s1 + t * s2 + c * s3] = from_float<T>(x);
   }
 }
 

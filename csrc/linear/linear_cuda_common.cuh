@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "../common/cuda_elementwise.cuh"
 #include "../common/cuda_launch_macro.h"
 #include "linear_cuda_plan.h"
 #include "linear_params.h"
@@ -20,21 +21,6 @@
 namespace pyattn {
 namespace cuda {
 namespace lin {
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
 
 // f(x): identity, elu(x) + 1, relu (LinearFwdParams::FeatureMap).
 __host__ __device__ __forceinline__ float fmap(float x, int map) {
@@ -82,7 +68,7 @@ __device__ __forceinline__ void load_tile(float* dst, int ld, int rows, int widt
   for (int i = threadIdx.x; i < rows * width; i += blockDim.x) {
     const int t = i / width, c = i - t * width;
     float x = 0.0f;
-    if (t < n && c < cols && src != nullptr) x = fmap(to_f(src[t * ts + c * cs]), map) * mul;
+    if (t < n && c < cols && src != nullptr) x = fmap(to_float(src[t * ts + c * cs]), map) * mul;
     dst[t * ld + c] = x;
   }
 }
@@ -206,7 +192,7 @@ __device__ __forceinline__ void save_norm_terms(const LinearFwdParams& p, const 
       for (int j = 0; j < NV; ++j) {
         const int c = tx + 16 * j;
         if (c < ncols) {
-          x += to_f(dout[(t0 + t) * sw.dout_stride[2] + c * sw.dout_stride[3]]) * o[i][j];
+          x += to_float(dout[(t0 + t) * sw.dout_stride[2] + c * sw.dout_stride[3]]) * o[i][j];
         }
       }
     }
@@ -385,7 +371,7 @@ __global__ void __launch_bounds__(kLinThreads, 1)
           for (int j = 0; j < NV; ++j) {
             const int c = tx + 16 * j;
             if (c < ncols) {
-              out[(t0 + t) * p.out_stride[2] + c * p.out_stride[3]] = from_f<T>(o[i][j] * mul);
+              out[(t0 + t) * p.out_stride[2] + c * p.out_stride[3]] = from_float<T>(o[i][j] * mul);
             }
           }
         }

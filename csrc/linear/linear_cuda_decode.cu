@@ -61,15 +61,15 @@ __global__ void __launch_bounds__(kRecBV * kRecWarps)
     const int t = i / kBucket, f = i - t * kBucket;
     float xq = 0.0f, xk = 0.0f;
     if (f < F) {
-      xq = fmap(to_f(q[t * p.q_stride[2] + f * p.q_stride[3]]), p.feature_map) * p.scale;
-      xk = fmap(to_f(k[t * p.k_stride[2] + f * p.k_stride[3]]), p.feature_map);
+      xq = fmap(to_float(q[t * p.q_stride[2] + f * p.q_stride[3]]), p.feature_map) * p.scale;
+      xk = fmap(to_float(k[t * p.k_stride[2] + f * p.k_stride[3]]), p.feature_map);
     }
     qf[t][f] = xq;
     kf[t][f] = xk;
   }
   for (int i = tid; i < n * kRecBV; i += blockDim.x) {
     const int t = i / kRecBV, j = i - t * kRecBV;
-    vs[t][j] = c0 + j < Dv ? to_f(v[t * p.v_stride[2] + (c0 + j) * p.v_stride[3]]) : 0.0f;
+    vs[t][j] = c0 + j < Dv ? to_float(v[t * p.v_stride[2] + (c0 + j) * p.v_stride[3]]) : 0.0f;
   }
   for (int t = tid; t < n; t += blockDim.x) {
     decay[t] = p.log_decay != nullptr
@@ -115,7 +115,7 @@ __global__ void __launch_bounds__(kRecBV * kRecWarps)
         d += zpart[w][t];
       }
       if (p.normalize) o /= d + p.eps;
-      out[t * p.out_stride[2] + (c0 + j) * p.out_stride[3]] = from_f<T>(o);
+      out[t * p.out_stride[2] + (c0 + j) * p.out_stride[3]] = from_float<T>(o);
     }
   }
   if (p.final_s != nullptr && col_ok) {

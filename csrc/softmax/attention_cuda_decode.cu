@@ -17,6 +17,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "../common/cuda_elementwise.cuh"
 #include "../common/cuda_launch_macro.h"
 #include "attention_cuda_decode_plan.h"
 #include "attention_cuda_kernels.h"
@@ -32,19 +33,6 @@ constexpr float kLn2 = 0.6931471805599453f;
 // ---------------------------------------------------------------------------------------------
 // Element conversions. A "chunk" is 16 bytes of T (8 halves or 4 floats): the unit of every
 // global load and shared-memory access of K and V.
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 __device__ __forceinline__ void chunk_to_floats(const uint4& c, float (&f)[4]) {
   f[0] = __uint_as_float(c.x);
@@ -135,18 +123,6 @@ __device__ __forceinline__ void stage_chunk(unsigned char* dst, const T* row, in
   uint4 c;
   memcpy(&c, e, 16);
   *reinterpret_cast<uint4*>(dst) = c;
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
 }
 
 // ---------------------------------------------------------------------------------------------
