@@ -21,6 +21,8 @@
 #if defined(__CUDACC__) || defined(PYATTN_CUDA_EMULATION)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include "cuda_elementwise.cuh"
 #define PYATTN_MMA_HD __host__ __device__ __forceinline__
 #define PYATTN_MMA_DEVICE_CODE 1
 #if defined(PYATTN_CUDA_EMULATION)
@@ -180,17 +182,8 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+using ::pyattn::cuda::from_float;  // cuda_elementwise.cuh
+using ::pyattn::cuda::to_float;
 
 // ---------------------------------------------------------------- quad reductions
 

@@ -256,27 +256,6 @@ __device__ __forceinline__ void bwd_dscores(float (&ds)[kBlockM / 8][4], const f
   }
 }
 
-// acc (the warp's 16 keys x kHeadDim) += X Y with X (16 keys x kBlockM queries) in C-fragment
-// registers (P^T or dS^T) and Y a [query][dim] shared tile (dO or Q); columns >= cols skipped.
-template <typename T, int kHeadDim, int kBlockM>
-__device__ __forceinline__ void bwd_accumulate(float (&acc)[kHeadDim / 8][4], const float (&x)[kBlockM / 8][4],
-                                               uint32_t y_base, int lane, int cols) {
-#pragma unroll
-  for (int kk = 0; kk < kBlockM / 16; ++kk) {
-    uint32_t xa[4];
-    tiles::c_to_a<T>(xa, x, kk);
-#pragma unroll
-    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
-      if (dp * 16 < cols) {
-        uint32_t yb[4];
-        tiles::load_b_kn<kHeadDim>(yb, y_base, kk * 16, dp * 16, lane);
-        mma::mma_16816<T>(acc[2 * dp], xa, yb[0], yb[1]);
-        mma::mma_16816<T>(acc[2 * dp + 1], xa, yb[2], yb[3]);
-      }
-    }
-  }
-}
-
 // dQ rows [m0, m0 + kBlockM) += dS (kBlockM x 64 keys, from the shared dS^T tile) K, by tasks
 // of 16 rows x 32 columns spread over the warps, added into the float32 accumulator.
 template <typename T, int kHeadDim, int kBlockM>
@@ -406,12 +385,12 @@ __global__ void __launch_bounds__(kMmaThreads) softmax_bwd_mma_kernel(const BwdA
         const bool masked = d_lo < a.dmin || d_hi > a.dmax || n0 + kBlockN > seq_k;
         float pt[kBlockM / 8][4];
         bwd_probs<T, kHeadDim, kBlockM>(pt, k_base, q_base, lse_s, warp, lane, n0, m0, masked, a);
-        if constexpr (kDV) bwd_accumulate<T, kHeadDim, kBlockM>(dv, pt, do_base, lane, Dv);
+        if constexpr (kDV) tiles::accumulate_c_kn<T, kHeadDim, kBlockM>(dv, pt, do_base, lane, Dv);
         if constexpr (kDK) {
           float ds[kBlockM / 8][4];
           bwd_dscores<T, kHeadDim, kBlockM>(ds, pt, v_base, do_base, lse_s, delta_s, warp, lane, a);
           bwd_store_ds<T, kBlockM>(ds_s, ds, warp, lane);
-          bwd_accumulate<T, kHeadDim, kBlockM>(dk, ds, q_base, lane, D);
+          tiles::accumulate_c_kn<T, kHeadDim, kBlockM>(dk, ds, q_base, lane, D);
           __syncthreads();  // the dS^T tile is complete
           bwd_dq<T, kHeadDim, kBlockM>(ds_base, k_base, a.dq_acc + (bh * f.seq_q + m0) * f.head_dim, rows_valid,
                                        warp, lane, D);

@@ -124,27 +124,6 @@ __device__ __forceinline__ void fwd_softmax_step(float (&s)[kBlockN / 8][4], flo
   }
 }
 
-// O += P V for the warp's 16 rows: P (16 x kBlockN) from the score registers, V from the
-// shared tile [key][dv] through transposed ldmatrix.
-template <typename T, int kHeadDim, int kBlockN>
-__device__ __forceinline__ void fwd_pv(float (&o)[kHeadDim / 8][4], const float (&s)[kBlockN / 8][4],
-                                       uint32_t v_base, int lane, int head_dim_v) {
-#pragma unroll
-  for (int kk = 0; kk < kBlockN / 16; ++kk) {
-    uint32_t pa[4];
-    tiles::c_to_a<T>(pa, s, kk);
-#pragma unroll
-    for (int dp = 0; dp < kHeadDim / 16; ++dp) {
-      if (dp * 16 < head_dim_v) {
-        uint32_t vb[4];
-        tiles::load_b_kn<kHeadDim>(vb, v_base, kk * 16, dp * 16, lane);
-        mma::mma_16816<T>(o[2 * dp], pa, vb[0], vb[1]);
-        mma::mma_16816<T>(o[2 * dp + 1], pa, vb[2], vb[3]);
-      }
-    }
-  }
-}
-
 __device__ __forceinline__ int clamp_int(int64_t x, int lo, int hi) {
   return static_cast<int>(x < lo ? lo : (x > hi ? hi : x));
 }
@@ -226,7 +205,7 @@ __global__ void __launch_bounds__(kMmaThreads) softmax_fwd_mma_kernel(const FwdA
         mma::cp_async_commit();
       }
       fwd_softmax_step<kBlockN, kHeadDim / 8>(s, o, m, l);
-      fwd_pv<T, kHeadDim, kBlockN>(o, s, v_base, lane, Dv);
+      tiles::accumulate_c_kn<T, kHeadDim, kBlockN>(o, s, v_base, lane, Dv);  // O += P V
     }
 
     // Epilogue: normalise and store; rows that saw no key have l = 0 and get zeros.

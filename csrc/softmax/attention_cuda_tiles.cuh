@@ -127,6 +127,29 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c)[kTiles
   a[3] = mma::pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
+// acc (16 rows x kCols) += X Y for one warp: X (16 rows x kK) in C-fragment registers, reused as
+// A operands (c_to_a), and Y a shared tile stored [k][n] with kCols columns, read through
+// transposed ldmatrix. 16-column chunks at or past `cols` are skipped. The forward's O += P V and
+// the backward's dV += P^T dO and dK += dS^T Q.
+template <typename T, int kCols, int kK>
+__device__ __forceinline__ void accumulate_c_kn(float (&acc)[kCols / 8][4], const float (&x)[kK / 8][4],
+                                                uint32_t y_base, int lane, int cols) {
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t xa[4];
+    c_to_a<T>(xa, x, kk);
+#pragma unroll
+    for (int dp = 0; dp < kCols / 16; ++dp) {
+      if (dp * 16 < cols) {
+        uint32_t yb[4];
+        load_b_kn<kCols>(yb, y_base, kk * 16, dp * 16, lane);
+        mma::mma_16816<T>(acc[2 * dp], xa, yb[0], yb[1]);
+        mma::mma_16816<T>(acc[2 * dp + 1], xa, yb[2], yb[3]);
+      }
+    }
+  }
+}
+
 // Stores a warp's 16-row accumulator (n-tiles of 8 columns) scaled by row_mul[0] (row g) and
 // row_mul[1] (row g + 8) to rows row0.., columns 0.. of a strided tensor, skipping rows >=
 // rows_valid and columns >= cols_valid. pair: rows_4b_aligned (then cs == 1).
