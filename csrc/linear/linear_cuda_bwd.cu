@@ -72,21 +72,8 @@ __global__ void __launch_bounds__(kLinThreads)
                         : nullptr;
   const float* r = rws + bh * p.seq;
 
-  for (int i = tid; i < kBucket * BV; i += blockDim.x) {
-    const int f = i / BV, c = i - f * BV;
-    float x = 0.0f;
-    if (bp.dfinal_s != nullptr && f < F && c < ncols) {
-      x = bp.dfinal_s[b * bp.dfinal_s_stride[0] + h * bp.dfinal_s_stride[1] +
-                      f * bp.dfinal_s_stride[2] + (c0 + c) * bp.dfinal_s_stride[3]];
-    }
-    dSs[i] = x;
-  }
-  for (int f = tid; f < kBucket; f += blockDim.x) {
-    dz[f] = (bp.dfinal_z != nullptr && f < F)
-                ? bp.dfinal_z[b * bp.dfinal_z_stride[0] + h * bp.dfinal_z_stride[1] +
-                              f * bp.dfinal_z_stride[2]]
-                : 0.0f;
-  }
+  load_state_slice<kBucket, BV>(dSs, dz, bp.dfinal_s, bp.dfinal_s_stride, bp.dfinal_z, bp.dfinal_z_stride, b, h,
+                                F, c0, ncols, tid);
   __syncthreads();
 
   for (int64_t ci = nc - 1; ci >= 0; --ci) {

@@ -141,6 +141,25 @@ __device__ __forceinline__ void zero_acc(float (&acc)[MI][NJ]) {
   }
 }
 
+// Head (b, h)'s state slice into shared memory: S[f][c0 + c] (c < ncols) as [kBucket][BV] and
+// z[f] as [kBucket], from float32 tensors of strides (B, H, F, Dv) and (B, H, F); zeros where a
+// tensor is absent (null) or past F / ncols. Reads the initial state, or the final state's gradient.
+template <int kBucket, int BV>
+__device__ __forceinline__ void load_state_slice(float* s_dst, float* z_dst, const float* s,
+                                                 const int64_t (&s_stride)[4], const float* z,
+                                                 const int64_t (&z_stride)[3], int64_t b, int64_t h,
+                                                 int F, int c0, int ncols, int tid) {
+  for (int i = tid; i < kBucket * BV; i += blockDim.x) {
+    const int f = i / BV, c = i - f * BV;
+    s_dst[i] = (s != nullptr && f < F && c < ncols)
+                   ? s[b * s_stride[0] + h * s_stride[1] + f * s_stride[2] + (c0 + c) * s_stride[3]]
+                   : 0.0f;
+  }
+  for (int f = tid; f < kBucket; f += blockDim.x) {
+    z_dst[f] = (z != nullptr && f < F) ? z[b * z_stride[0] + h * z_stride[1] + f * z_stride[2]] : 0.0f;
+  }
+}
+
 // The smem layouts of linear_cuda_plan.h as constexpr scalars (device code may read
 // constexpr scalars but not call the host constexpr functions).
 template <int kBucket, int C>
@@ -270,21 +289,8 @@ __global__ void __launch_bounds__(kLinThreads, 1)
       zs[f] = f < F ? sw.in_zstates[(bh * nc + c_begin) * F + f] : 0.0f;
     }
   } else {
-    for (int i = tid; i < kBucket * BV; i += blockDim.x) {
-      const int f = i / BV, c = i - f * BV;
-      float x = 0.0f;
-      if (p.state_s != nullptr && f < F && c < ncols) {
-        x = p.state_s[b * p.state_s_stride[0] + h * p.state_s_stride[1] +
-                      f * p.state_s_stride[2] + (c0 + c) * p.state_s_stride[3]];
-      }
-      Ss[i] = x;
-    }
-    for (int f = tid; f < kBucket; f += blockDim.x) {
-      zs[f] = (p.state_z != nullptr && f < F)
-                  ? p.state_z[b * p.state_z_stride[0] + h * p.state_z_stride[1] +
-                              f * p.state_z_stride[2]]
-                  : 0.0f;
-    }
+    load_state_slice<kBucket, BV>(Ss, zs, p.state_s, p.state_s_stride, p.state_z, p.state_z_stride, b, h, F,
+                                  c0, ncols, tid);
   }
   __syncthreads();
 
