@@ -88,3 +88,19 @@ def check_attention(q, k, v, *, backend, attn_bias=None, dropout_p=0.0, factor=2
         assert g is not None and g.shape == r.shape, name
         assert_close_relative(g, r, bl, name=name, factor=factor)
     return out, lse
+
+
+# --------------------------------------------------------------------------- linear attention
+
+# the floor of the linear checks: a few units of the dtype's rounding relative to the largest reference value
+# (the kernels multiply half operands on tensor cores; the upcast reference does not)
+LINEAR_REL_FLOOR = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}
+
+
+def linear_run(fn, q, k, v, g, state, grads, **kw):
+    """out, final S and z of `fn` (pyattn.linear_attention or the reference), then the gradients of the
+    leaves that require grad (q, k, v, log decay, initial state) for the output gradients `grads`."""
+    out, (s, z) = fn(q, k, v, log_decay=g, initial_state=state, output_final_state=True, **kw)
+    loss = (out.double() * grads[0]).sum() + (s.double() * grads[1]).sum() + (z.double() * grads[2]).sum()
+    leaves = [x for x in (q, k, v, g, *(state or ())) if x is not None and x.requires_grad]
+    return [out, s, z, *torch.autograd.grad(loss, leaves)]

@@ -23,7 +23,7 @@ from pyattn import reference as ref
 from pyattn.dispatch import cuda_registry
 from pyattn.testing import assert_close_relative
 
-from attention_checks import DTYPE_IDS, check_attention, make_qkv
+from attention_checks import DTYPE_IDS, LINEAR_REL_FLOOR, check_attention, linear_run, make_qkv
 
 pytestmark = pytest.mark.gpu
 
@@ -117,14 +117,6 @@ LINEAR_CASES = {
     "decode-steps": (2, 4, 2, 16, 64, 64, "token", True, True),  # <= 16 tokens: the recurrent kernel
     "one-token": (3, 2, 2, 1, 128, 128, "none", True, True),
 }
-LINEAR_REL_FLOOR = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}
-
-
-def _linear_run(fn, q, k, v, g, state, grads, **kw):
-    out, (s, z) = fn(q, k, v, log_decay=g, initial_state=state, output_final_state=True, **kw)
-    loss = (out.double() * grads[0]).sum() + (s.double() * grads[1]).sum() + (z.double() * grads[2]).sum()
-    leaves = [x for x in (q, k, v, g, *(state or ())) if x is not None and x.requires_grad]
-    return [out, s, z, *torch.autograd.grad(loss, leaves)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=DTYPE_IDS.get)
@@ -150,12 +142,12 @@ def test_linear_attention(name, feature_map, dtype, cuda_kernels):
     kw = dict(feature_map=feature_map, normalize=normalize, scale=f ** -0.5)
     cuda_kernels(*families(pyattn.explain(pyattn.linear_attention, q, k, v, log_decay=g, initial_state=state,
                                           backend="cuda", **kw)))
-    got = _linear_run(pyattn.linear_attention, q, k, v, g, state, grads, backend="cuda", **kw)
+    got = linear_run(pyattn.linear_attention, q, k, v, g, state, grads, backend="cuda", **kw)
     torch.cuda.synchronize()
     doubles = [None if x is None else x.detach().double().requires_grad_() for x in (q, k, v, g, *(state or ()))]
     state64 = tuple(doubles[4:]) if state else None
-    want = _linear_run(ref.linear_attention, *doubles[:4], state64, grads, **kw)
-    base = _linear_run(ref.linear_attention, q, k, v, g, state, grads, **kw)  # the same inputs, upcast
+    want = linear_run(ref.linear_attention, *doubles[:4], state64, grads, **kw)
+    base = linear_run(ref.linear_attention, q, k, v, g, state, grads, **kw)  # the same inputs, upcast
     names = ["out", "S", "z", "dq", "dk", "dv"] + (["dlog_decay"] if g is not None else []) + \
         (["dS0", "dz0"] if state else [])
     for name, a, e, bl in zip(names, got, want, base):

@@ -11,7 +11,9 @@ import torch
 
 import pyattn
 from pyattn import reference as ref
-from pyattn.testing import assert_close, assert_close_relative
+from pyattn.testing import assert_close_relative
+
+from attention_checks import LINEAR_REL_FLOOR, linear_run
 
 pytestmark = pytest.mark.gpu
 
@@ -54,21 +56,11 @@ def test_reference_backend_runs_on_cuda_tensors(op):
 # B, Hq, Hkv, S, D, Dv, causal, log decay, normalize
 LINEAR_CASES = [(1, 4, 2, 8192, 64, 64, True, "token", True), (2, 4, 4, 4096, 128, 128, True, "head", False),
                 (1, 2, 1, 2049, 256, 64, False, "none", True), (2, 8, 2, 1000, 48, 80, True, "none", True)]
-# the floor of the linear checks: a few units of the dtype's rounding relative to the largest reference value
-# (the kernels multiply half operands on tensor cores; the upcast reference does not)
-LINEAR_REL_FLOOR = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
 def linear_id(c):
     return "B{}-H{}/{}-S{}-D{}-Dv{}-{}-decay_{}-{}".format(*c[:6], "causal" if c[6] else "full", c[7],
                                                            "norm" if c[8] else "unnorm")
-
-
-def _linear_run(fn, q, k, v, g, state, grads, **kw):
-    out, (s, z) = fn(q, k, v, log_decay=g, initial_state=state, output_final_state=True, **kw)
-    loss = (out.double() * grads[0]).sum() + (s.double() * grads[1]).sum() + (z.double() * grads[2]).sum()
-    leaves = [x for x in (q, k, v, g, *state) if x is not None and x.requires_grad]
-    return [out, s, z, *torch.autograd.grad(loss, leaves)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -88,11 +80,11 @@ def test_triton_linear_attention(case, dtype):
     grads = [torch.randn(shape, device="cuda", dtype=torch.float64, generator=gen)
              for shape in ((b, hq, s, dv), (b, hq, d, dv), (b, hq, d))]
     kw = dict(causal=causal, normalize=normalize, scale=d ** -0.5)
-    got = _linear_run(pyattn.linear_attention, q, k, v, g, state, grads, backend="triton", **kw)
+    got = linear_run(pyattn.linear_attention, q, k, v, g, state, grads, backend="triton", **kw)
     torch.cuda.synchronize()
     doubles = [None if x is None else x.detach().double().requires_grad_() for x in (q, k, v, g, *state)]
-    want = _linear_run(ref.linear_attention, *doubles[:4], tuple(doubles[4:]), grads, **kw)
-    base = _linear_run(ref.linear_attention, q, k, v, g, state, grads, **kw)  # the same inputs, upcast
+    want = linear_run(ref.linear_attention, *doubles[:4], tuple(doubles[4:]), grads, **kw)
+    base = linear_run(ref.linear_attention, q, k, v, g, state, grads, **kw)  # the same inputs, upcast
     names = ["out", "S", "z", "dq", "dk", "dv"] + (["dlog_decay"] if g is not None else []) + ["dS0", "dz0"]
     for name, a, e, bl in zip(names, got, want, base):
         floor = LINEAR_REL_FLOOR[dtype] * e.abs().max().item()
