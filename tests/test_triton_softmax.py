@@ -19,7 +19,7 @@ import torch
 import pyattn
 from pyattn import reference as ref
 from pyattn.dispatch import triton as triton_backend
-from pyattn.testing import assert_close, assert_close_relative
+from pyattn.testing import assert_close
 
 from attention_checks import DTYPE_IDS, _grads, check_attention as _check_attention, make_qkv  # noqa: E402
 
