@@ -12,7 +12,7 @@ END = "<!-- measured: end -->"
 
 
 def kind(record) -> str:
-    """'softmax-paired', 'linear-paired', 'memory' or '' (not one of these runs)."""
+    """'softmax-paired', 'linear-paired', 'memory', 'ceiling' or '' (not one of these runs)."""
     results = record.get("results") if isinstance(record, dict) else None
     if record.get("schema") or not results or not isinstance(results, list):
         return ""
@@ -23,6 +23,8 @@ def kind(record) -> str:
         return "linear-paired"
     if "backward" in first and "pyattn-cpu" in first:
         return "memory"
+    if "sgemm_gflops" in first:
+        return "ceiling"
     return ""
 
 
@@ -81,7 +83,24 @@ def _memory(path, r):
     return lines + [""]
 
 
-RENDER = {"softmax-paired": _softmax, "linear-paired": _linear, "memory": _memory}
+def _ceiling(path, r):
+    s = r["shape"]
+    isa = f", {r['isa']} kernels" if r.get("isa") else ""
+    lines = [f"Float32 softmax forward against torch's own matrix product ({r.get('machine', 'CPU')}{isa}, "
+             f"torch {r['torch']}, {r['date']}; B={s['batch']}, "
+             f"H={s['heads']}, S={s['seq']}, D={s['dim']}, non-causal; reference {r['gemm']}; medians of "
+             f"per-round ratios; `{r['command']}`; [{os.path.basename(path)}]({path}):", "",
+             "| threads | sgemm | SDPA | pyattn `cpu` | pyattn / SDPA | 1.2x SDPA would need |",
+             "|---|---|---|---|---|---|"]
+    for x in r["results"]:
+        lines.append(f"| {x['threads']} | {x['sgemm_gflops']:.0f} GFLOP/s | {x['sdpa_gflops']:.0f} GFLOP/s "
+                     f"({x['sdpa_over_sgemm']:.2f} of sgemm) | {x['pyattn_gflops']:.0f} GFLOP/s "
+                     f"({x['pyattn_over_sgemm']:.2f} of sgemm) | {x['speedup_vs_sdpa']:.2f}x "
+                     f"| {x['goal_over_sgemm']:.2f} of sgemm |")
+    return lines + [""]
+
+
+RENDER = {"softmax-paired": _softmax, "linear-paired": _linear, "memory": _memory, "ceiling": _ceiling}
 
 
 def render(paths, root) -> str:

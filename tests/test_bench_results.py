@@ -96,6 +96,12 @@ def test_readme_section_is_generated_from_the_results(record, tmp_path):
               "results": [{"case": "fwd-fp32", "causal": c, "pyattn_ms": 10.0, "sdpa_ms": 12.5,
                            "speedup_median_of_ratios": 1.25} for c in (False, True)]}
     (results / "paired.json").write_text(json.dumps(paired))
+    ceiling = {"date": "2026-11-23", "machine": "CPU", "isa": "avx2", "torch": "2.13.0", "command": "c",
+               "gemm": "torch.mm", "shape": {"batch": 1, "heads": 8, "seq": 2048, "dim": 64}, "results": [
+                   {"threads": 2, "sgemm_gflops": 130.0, "sdpa_gflops": 104.0, "pyattn_gflops": 104.0,
+                    "sdpa_over_sgemm": 0.8, "pyattn_over_sgemm": 0.8, "speedup_vs_sdpa": 1.0,
+                    "goal_over_sgemm": 0.96}]}
+    (results / "ceiling.json").write_text(json.dumps(ceiling))
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nkept\n\n{render.START}\nstale\n{render.END}\n\nmiddle\n\n"
                       f"{measured.START}\nstale too\n{measured.END}\n\nkept too\n")
@@ -107,6 +113,8 @@ def test_readme_section_is_generated_from_the_results(record, tmp_path):
     assert "stale" not in text and "| provider | S=16 |" in text and "| sdpa-math | " in text
     assert "flash-attn (flash-attn is not installed" in text
     assert "| fwd-fp32 | 10.0 vs 12.5 ms: **1.25x** | 10.0 vs 12.5 ms: **1.25x** |" in text
+    assert ("| 2 | 130 GFLOP/s | 104 GFLOP/s (0.80 of sgemm) | 104 GFLOP/s (0.80 of sgemm) | 1.00x "
+            "| 0.96 of sgemm |") in text
     render.main(["--readme", str(readme), "--results", str(results), "--check"])   # up to date now
 
 
