@@ -178,6 +178,23 @@ def test_strided_outputs_and_inputs():
     assert bool(torch.isnan(lse_buffer[..., 1]).all()), "wrote outside the lse view"
 
 
+@pytest.mark.parametrize("isa", C.supported_isas() if C is not None else [])
+def test_value_rows_any_layout(isa):
+    """v read in place by whole vectors of its rows, or copied first: rows whose length is a
+    whole number of vectors but that start unaligned (an offset view), an innermost stride of
+    2, and row lengths that are not whole vectors."""
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, 4, 90, 32, generator=gen) for _ in range(2))
+    values = {
+        "unaligned rows": torch.randn(1, 4, 90, 65, generator=gen)[..., 1:],
+        "inner stride 2": torch.randn(1, 4, 90, 128, generator=gen)[..., ::2],
+        "odd length": torch.randn(1, 4, 90, 19, generator=gen),
+    }
+    with forced_isa(isa):
+        for name, v in values.items():
+            check(q, k, v, causal=(name != "odd length"))
+
+
 def test_lse_none():
     q, k, v = make_inputs((1, 2, 2, 20, 20, 16, 16), "bhsd")
     out = torch.full((1, 2, 20, 16), float("nan"))

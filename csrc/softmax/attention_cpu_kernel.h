@@ -2,18 +2,21 @@
 // extensions and compiled once per instruction set (attention_cpu_<isa>.cpp defines
 // PYATTN_ISA, PYATTN_VEC_BYTES, PYATTN_TILE_ROWS, PYATTN_TILE_VECS, then includes this).
 //
-// Layout (FlashAttention-2 style online softmax, computed transposed so that every
-// softmax statistic is a vector over queries and no horizontal reduction is needed):
+// Layout (FlashAttention-2 style online softmax; the scores are computed transposed so that
+// every softmax statistic is a vector over queries and no horizontal reduction is needed):
 //
-//   QT [D ][BMp]  queries of the block, transposed, pre-scaled, float32
-//   ST [BN][BMp]  S^T = K_blk . QT  ->  P^T = exp2(S^T - m)   (one row per key)
-//   OT [Dv][BMp]  O^T += V_blk^T . P^T, rescaled by exp2(m_old - m_new) per block
+//   QT [D  ][BMp]  queries of the block, transposed, pre-scaled, float32
+//   ST [BN ][BMp]  S^T = K_blk . QT  ->  P^T = exp2(S^T - m)   (one row per key)
+//   O  [BMp][Dvp]  O += P . V_blk, each row rescaled by exp2(m_old - m_new) per block
 //
-// Both products are C[M x BMp] += A[M x K] * B[K x BMp] with A read straight from the
-// caller's float32 k / v tensors through their strides (one scalar broadcast per element),
-// so keys and values are never copied or transposed; float16 / bfloat16 key and value
-// blocks are first widened into a small float32 buffer. Scores are kept in log2 units
-// (scale * log2(e) folded into QT) so that exp2 is the only transcendental.
+// S^T = K_blk . QT broadcasts the elements of the caller's float32 k through its strides;
+// O += P . V_blk broadcasts P (read down the columns of P^T) and takes whole vectors of
+// v's rows, so keys and values are never copied or transposed when v's rows are contiguous
+// and a whole number of vectors long (else, and for float16 / bfloat16, a key or value
+// block is first written into a small float32 buffer). Reading v by rows rather than by
+// columns is what makes decoding (a few query rows over many keys) stream v at vector
+// width. Scores are kept in log2 units (scale * log2(e) folded into QT) so that exp2 is
+// the only transcendental.
 //
 // Per key block: S^T, softcap, attn_bias, causal / window mask, online softmax, dropout
 // of P^T (the row sums l take P before dropout, as the lse does), O^T update.
@@ -33,47 +36,58 @@ static_assert(kBlockRows % kW == 0, "block rows must fill whole vectors");
 
 // Scratch regions, in floats, each a multiple of 16 floats (64 bytes).
 struct Scratch {
-  float *qt, *st, *ot, *m, *l, *kbuf, *vbuf;
+  float *qt, *st, *o, *m, *l, *alpha, *kbuf, *vbuf;
   int32_t *lo_rel, *hi_rel;
   int64_t *lo, *hi;
   uint32_t *drop_lo, *drop_hi;  // dropout counter of each row at key 0
 };
 
+// Row length of O and of a float32 value block: Dv padded to whole vectors.
+inline int64_t padded_dv(const SoftmaxFwdParams& p) { return round_up(p.head_dim_v, kW); }
+
+// Whether V_blk can be read in place: float32 rows of contiguous elements, whole vectors long.
+inline bool v_in_place(const SoftmaxFwdParams& p) {
+  return p.dtype == kFloat32 && p.v_stride[3] == 1 && p.head_dim_v % kW == 0;
+}
+
 inline size_t scratch_floats(const SoftmaxFwdParams& p) {
-  const int64_t r = kBlockRows, D = p.head_dim, Dv = p.head_dim_v;
-  // float32 copies of a key and a value block for the other dtypes
-  const int64_t kv =
-      p.dtype == kFloat32 ? 0 : round_up(kBlockKeys * D, 16) + round_up(kBlockKeys * Dv, 16);
+  const int64_t r = kBlockRows, D = p.head_dim, dvp = padded_dv(p);
+  // float32 copies of a key block (other dtypes) and a value block (when not read in place)
+  const int64_t kbuf = p.dtype == kFloat32 ? 0 : round_up(kBlockKeys * D, 16);
+  const int64_t vbuf = v_in_place(p) ? 0 : round_up(kBlockKeys * dvp, 16);
   return static_cast<size_t>(round_up(D * r, 16) + round_up(kBlockKeys * r, 16) +
-                             round_up(Dv * r, 16) + 2 * r + 6 * r + 2 * r + kv);
+                             round_up(r * dvp, 16) + 3 * r + 6 * r + 2 * r + kbuf + vbuf);
 }
 
 inline Scratch carve(float* base, const SoftmaxFwdParams& p) {
-  const int64_t r = kBlockRows, D = p.head_dim, Dv = p.head_dim_v;
+  const int64_t r = kBlockRows, D = p.head_dim;
   Scratch s;
   s.qt = base;
   s.st = s.qt + round_up(D * r, 16);
-  s.ot = s.st + round_up(kBlockKeys * r, 16);
-  s.m = s.ot + round_up(Dv * r, 16);
+  s.o = s.st + round_up(kBlockKeys * r, 16);
+  s.m = s.o + round_up(r * padded_dv(p), 16);
   s.l = s.m + r;
-  s.lo_rel = reinterpret_cast<int32_t*>(s.l + r);
-  s.hi_rel = reinterpret_cast<int32_t*>(s.l + 2 * r);
-  s.lo = reinterpret_cast<int64_t*>(s.l + 3 * r);
-  s.hi = reinterpret_cast<int64_t*>(s.l + 5 * r);
-  s.drop_lo = reinterpret_cast<uint32_t*>(s.l + 7 * r);
-  s.drop_hi = reinterpret_cast<uint32_t*>(s.l + 8 * r);
-  s.kbuf = s.l + 9 * r;
-  s.vbuf = s.kbuf + round_up(kBlockKeys * D, 16);
+  s.alpha = s.l + r;
+  s.lo_rel = reinterpret_cast<int32_t*>(s.alpha + r);
+  s.hi_rel = reinterpret_cast<int32_t*>(s.alpha + 2 * r);
+  s.lo = reinterpret_cast<int64_t*>(s.alpha + 3 * r);
+  s.hi = reinterpret_cast<int64_t*>(s.alpha + 5 * r);
+  s.drop_lo = reinterpret_cast<uint32_t*>(s.alpha + 7 * r);
+  s.drop_hi = reinterpret_cast<uint32_t*>(s.alpha + 8 * r);
+  s.kbuf = s.alpha + 9 * r;
+  s.vbuf = s.kbuf + (p.dtype == kFloat32 ? 0 : round_up(kBlockKeys * D, 16));
   return s;
 }
 
 // One key block of the online softmax, on S^T rows [0, bn): optional softcap, optional
-// mask, then P^T = exp2(S^T - m_new) in place, the running max / sum, and the rescale of
-// the accumulated O^T columns.
+// mask, then P^T = exp2(S^T - m_new) in place, the running max / sum, and per query the
+// factor alpha = exp2(m_old - m_new) its accumulated output row must be scaled by. Returns
+// whether any running max changed (else every alpha is 1).
 template <bool SOFTCAP, bool MASK>
-void softmax_block(float* st, int64_t ld, int64_t bn, int n_vecs, float cap_mul,
-                   const int32_t* lo_rel, const int32_t* hi_rel, float* m, float* l, float* ot,
-                   int64_t head_dim_v) {
+bool softmax_block(float* st, int64_t ld, int64_t bn, int n_vecs, float cap_mul,
+                   const int32_t* lo_rel, const int32_t* hi_rel, float* m, float* l,
+                   float* alpha_out) {
+  bool changed = false;
   const vf neg_inf = splat(-kInf);
   for (int cv = 0; cv < n_vecs; ++cv) {
     float* col = st + cv * kW;
@@ -107,15 +121,24 @@ void softmax_block(float* st, int64_t ld, int64_t bn, int n_vecs, float cap_mul,
     }
     at(l + cv * kW) = at(l + cv * kW) * alpha + sum;
     at(m + cv * kW) = m_new;
-    // Once the running maxima settle, most blocks leave them unchanged: skip the rescale.
-    if (any_lane(m_new != m_old)) {
-      for (int64_t d = 0; d < head_dim_v; ++d) at(ot + d * ld + cv * kW) *= alpha;
-    }
+    at(alpha_out + cv * kW) = alpha;
+    changed |= any_lane(m_new != m_old);
   }
+  return changed;
 }
 
-using SoftmaxBlockFn = void (*)(float*, int64_t, int64_t, int, float, const int32_t*,
-                                const int32_t*, float*, float*, float*, int64_t);
+using SoftmaxBlockFn = bool (*)(float*, int64_t, int64_t, int, float, const int32_t*,
+                                const int32_t*, float*, float*, float*);
+
+// Rows [0, rows) of O (row length dvp) times their alpha.
+inline void rescale_rows(float* o, int64_t dvp, int64_t rows, const float* alpha) {
+  for (int64_t r = 0; r < rows; ++r) {
+    // Once the running maxima settle, most rows keep theirs: skip those.
+    if (alpha[r] == 1.0f) continue;
+    const vf a = splat(alpha[r]);
+    for (int64_t d = 0; d < dvp; d += kW) at(o + r * dvp + d) *= a;
+  }
+}
 
 // P^T of keys [j0, j0 + bn) times the dropout multipliers of their (row, key) counters.
 inline void dropout_tile(const SoftmaxFwdParams& p, const Scratch& s, int64_t j0, int64_t bn,
@@ -132,7 +155,7 @@ inline void dropout_tile(const SoftmaxFwdParams& p, const Scratch& s, int64_t j0
 }
 
 void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_base) {
-  const int64_t D = p.head_dim, Dv = p.head_dim_v;
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, dvp = padded_dv(p);
   const int64_t rows = t.n_heads * t.n_i;
   const int n_vecs = static_cast<int>((rows + kW - 1) / kW);
   const int64_t ld = static_cast<int64_t>(n_vecs) * kW;  // row length of QT / ST / OT
@@ -154,7 +177,8 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
     min_hi = min64(min_hi, hi);
   }
 
-  const bool native = p.dtype == kFloat32;  // k and v are read in place
+  const bool native = p.dtype == kFloat32;  // k is read in place
+  const bool v_native = v_in_place(p);
   const void* k = offset(p.k, p.dtype, t.batch * p.k_stride[0] + t.kv_head * p.k_stride[1]);
   const void* v = offset(p.v, p.dtype, t.batch * p.v_stride[0] + t.kv_head * p.v_stride[1]);
   const bool softcap = p.softcap > 0.0f;
@@ -177,7 +201,7 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
       s.l[r] = 0.0f;
       s.drop_lo[r] = s.drop_hi[r] = 0;
     }
-    for (int64_t x = 0; x < Dv * ld; ++x) s.ot[x] = 0.0f;
+    for (int64_t x = 0; x < ld * dvp; ++x) s.o[x] = 0.0f;
     if (dropout) {
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t h = t.h_first + r / t.n_i, i = t.i_first + r % t.n_i;
@@ -224,19 +248,21 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
         if (softcap) softcap_tile(s.st, ld, bn, n_vecs, cap_mul, nullptr);
         apply_bias(p, t.batch, t.h_first, t.i_first, t.n_i, rows, j0, bn, s.st, 1, ld);
       }
-      (masked ? softmax_masked : softmax_plain)(s.st, ld, bn, n_vecs, cap_mul, s.lo_rel,
-                                                s.hi_rel, s.m, s.l, s.ot, Dv);
+      const bool rescale = (masked ? softmax_masked : softmax_plain)(
+          s.st, ld, bn, n_vecs, cap_mul, s.lo_rel, s.hi_rel, s.m, s.l, s.alpha);
+      if (rescale) rescale_rows(s.o, dvp, rows, s.alpha);
       if (dropout) dropout_tile(p, s, j0, bn, n_vecs, ld);
-      // A[d, j] = V[j, d]: the tensor, or its float32 copy.
+      // B[j, :] = V[j, :]: the tensor's rows, or their float32 copy padded to dvp.
       const void* vb = offset(v, p.dtype, j0 * p.v_stride[2]);
-      int64_t v_d = p.v_stride[3], v_row = p.v_stride[2];
-      if (!native) {
-        pack_rows(p.dtype, s.vbuf, Dv, vb, bn, p.v_stride[2], Dv, p.v_stride[3], 1.0f);
+      int64_t v_row = p.v_stride[2];
+      if (!v_native) {
+        pack_rows(p.dtype, s.vbuf, dvp, vb, bn, p.v_stride[2], Dv, p.v_stride[3], 1.0f);
         vb = s.vbuf;
-        v_d = 1;
-        v_row = Dv;
+        v_row = dvp;
       }
-      gemm<true>(Dv, n_vecs, bn, static_cast<const float*>(vb), v_d, v_row, s.st, ld, s.ot, ld);
+      // A[r, j] = P[r, j] = P^T[j, r]
+      gemm<true>(rows, static_cast<int>(dvp / kW), bn, s.st, 1, ld,
+                 static_cast<const float*>(vb), v_row, s.o, dvp);
     }
   }
 
@@ -244,18 +270,19 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
     const int64_t h = t.h_first + r / t.n_i, i = t.i_first + r % t.n_i;
     const bool visible = s.lo[r] <= s.hi[r] && kmax >= 0 && s.l[r] > 0.0f;
     const float inv_l = visible ? 1.0f / s.l[r] : 0.0f;
-    // OT column r -> out row (b, h, i): zeros for rows that see nothing.
+    // O row r -> out row (b, h, i): zeros for rows that see nothing.
+    float* o_row = s.o + r * dvp;
     if (!visible) {
-      for (int64_t d = 0; d < Dv; ++d) s.ot[d * ld + r] = 0.0f;
+      for (int64_t d = 0; d < Dv; ++d) o_row[d] = 0.0f;
     }
     const float lse = visible ? (s.m[r] + __builtin_log2f(s.l[r])) * kLn2 : -kInf;
     if (t.partial != nullptr) {
-      for (int64_t d = 0; d < Dv; ++d) t.partial[r * Dv + d] = s.ot[d * ld + r] * inv_l;
+      for (int64_t d = 0; d < Dv; ++d) t.partial[r * Dv + d] = o_row[d] * inv_l;
       t.partial[rows * Dv + r] = lse;
       continue;
     }
     void* out = offset(p.out, p.dtype, row_offset(p.out_stride, t.batch, h, i));
-    store_rows(p.dtype, out, p.out_stride[3], 1, s.ot + r, ld, Dv, 1, inv_l);
+    store_rows(p.dtype, out, 0, p.out_stride[3], o_row, dvp, 1, Dv, inv_l);
     if (p.lse != nullptr) p.lse[row_offset(p.lse_stride, t.batch, h, i)] = lse;
   }
 }

@@ -55,6 +55,11 @@ inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 inline vf& at(float* p) { return *reinterpret_cast<vf*>(p); }  // 64-byte aligned scratch
 inline const vf& at(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline vf loadu(const float* p) {  // any alignment (rows of a caller's tensor)
+  vf x;
+  __builtin_memcpy(&x, p, sizeof(vf));
+  return x;
+}
 inline vi iota_i() {
   vi x{};
   for (int l = 0; l < kW; ++l) x[l] = l;
@@ -144,7 +149,7 @@ void gemm_tile(int64_t K, const float* __restrict a, int64_t a_row, int64_t a_k,
   for (int64_t k = 0; k < K; ++k) {
     vf bv[NV];
 #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) bv[v] = at(b + k * ldb + v * kW);
+    for (int v = 0; v < NV; ++v) bv[v] = loadu(b + k * ldb + v * kW);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const vf av = splat(a_rows[r][k * a_k]);
@@ -180,8 +185,9 @@ TileFn tile_for(int mr, int nv) {
   }
 }
 
-// C[M x n_vecs*W] (+)= A[M x K] * B[K x n_vecs*W] in register tiles; B and C are 64-byte
-// aligned scratch, A any floats (one scalar broadcast per element, through its strides).
+// C[M x n_vecs*W] (+)= A[M x K] * B[K x n_vecs*W] in register tiles; C is 64-byte aligned
+// scratch, B rows of n_vecs*W contiguous floats at any alignment, A any floats (one scalar
+// broadcast per element, through its strides).
 template <bool ACCUMULATE>
 void gemm(int64_t M, int n_vecs, int64_t K, const float* a, int64_t a_row, int64_t a_k,
           const float* b, int64_t ldb, float* c, int64_t ldc) {
