@@ -195,6 +195,38 @@ def test_value_rows_any_layout(isa):
             check(q, k, v, causal=(name != "odd length"))
 
 
+# B, Hq, Hkv, Sq, Sk, D, Dv: blocks of 1 to 4 query rows (decoding: the scores are dot products
+# along D), key counts that leave a partial step, D whole vectors or not.
+FEW_ROW_SHAPES = [
+    (1, 1, 1, 1, 300, 64, 64),    # 1 row
+    (2, 4, 2, 1, 150, 64, 32),    # GQA 4/2, Sq = 1: 2 rows
+    (1, 8, 2, 1, 257, 64, 48),    # GQA 8/2: 4 rows
+    (1, 3, 1, 1, 99, 20, 20),     # MQA 3/1: 3 rows (4 with a zero row), D not whole vectors
+    (1, 2, 2, 2, 131, 32, 32),    # Sq = 2 without GQA: 2 rows
+]
+
+
+@pytest.mark.parametrize("mask", ["full", "causal-cap30-win40", "win16-3"])
+@pytest.mark.parametrize("isa", C.supported_isas() if C is not None else [])
+def test_few_query_rows(isa, mask):
+    causal, window, softcap = MASKS[mask]
+    gen = torch.Generator().manual_seed(5)
+    with forced_isa(isa):
+        for shape in FEW_ROW_SHAPES:
+            for layout in ("bhsd", "bshd"):
+                check(*make_inputs(shape, layout), causal=causal, window=window, softcap=softcap)
+        q = torch.randn(1, 4, 1, 32, generator=gen)
+        k = torch.randn(1, 2, 140, 64, generator=gen)[..., ::2]  # key rows with innermost stride 2
+        check(q, k, torch.randn(1, 2, 140, 16, generator=gen), causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_few_query_rows_half_precision(dtype):
+    """Decoding shapes in 16-bit inputs (key blocks widened into the float32 buffer), with gradients."""
+    for shape in FEW_ROW_SHAPES[1:3]:
+        check_against_reference(*rand_qkv(shape, dtype), causal=True)
+
+
 def test_lse_none():
     q, k, v = make_inputs((1, 2, 2, 20, 20, 16, 16), "bhsd")
     out = torch.full((1, 2, 20, 16), float("nan"))

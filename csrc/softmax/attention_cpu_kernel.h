@@ -9,7 +9,9 @@
 //   ST [BN ][BMp]  S^T = K_blk . QT  ->  P^T = exp2(S^T - m)   (one row per key)
 //   O  [BMp][Dvp]  O += P . V_blk, each row rescaled by exp2(m_old - m_new) per block
 //
-// S^T = K_blk . QT broadcasts the elements of the caller's float32 k through its strides;
+// S^T = K_blk . QT broadcasts the elements of the caller's float32 k through its strides
+// (blocks of at most half a vector of query rows, as in decoding, take dot products of k's
+// rows with a row-major copy of the queries instead: scores_few_rows);
 // O += P . V_blk broadcasts P (read down the columns of P^T) and takes whole vectors of
 // v's rows, so keys and values are never copied or transposed when v's rows are contiguous
 // and a whole number of vectors long (else, and for float16 / bfloat16, a key or value
@@ -36,14 +38,41 @@ static_assert(kBlockRows % kW == 0, "block rows must fill whole vectors");
 
 // Scratch regions, in floats, each a multiple of 16 floats (64 bytes).
 struct Scratch {
-  float *qt, *st, *o, *m, *l, *alpha, *kbuf, *vbuf;
+  float *qt, *qr, *st, *o, *m, *l, *alpha, *kbuf, *vbuf;
   int32_t *lo_rel, *hi_rel;
   int64_t *lo, *hi;
   uint32_t *drop_lo, *drop_hi;  // dropout counter of each row at key 0
 };
 
-// Row length of O and of a float32 value block: Dv padded to whole vectors.
+// Row length of O and of a float32 value block: Dv padded to whole vectors; of the row-major
+// queries and a float32 key block for scores_few_rows: D padded likewise.
 inline int64_t padded_dv(const SoftmaxFwdParams& p) { return round_up(p.head_dim_v, kW); }
+inline int64_t padded_d(const SoftmaxFwdParams& p) { return round_up(p.head_dim, kW); }
+
+// Whether a key block's rows can be read in place as whole vectors (scores_few_rows).
+inline bool k_rows_in_place(const SoftmaxFwdParams& p) {
+  return p.dtype == kFloat32 && p.k_stride[3] == 1 && p.head_dim % kW == 0;
+}
+
+// R for scores_few_rows: the block's query rows rounded up to a power of two, when that is
+// at most half a vector (else 0: the transposed product fills at least half of each vector).
+inline int few_rows(int64_t rows) {
+  int r = 1;
+  while (r < rows) r *= 2;
+  return r <= kW / 2 ? r : 0;
+}
+
+using ScoresFn = void (*)(int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t);
+
+inline ScoresFn scores_for(int r) {
+  if constexpr (kW >= 16) {
+    if (r == 8) return &scores_few_rows<8>;
+  }
+  if constexpr (kW >= 8) {
+    if (r == 4) return &scores_few_rows<4>;
+  }
+  return r == 2 ? &scores_few_rows<2> : &scores_few_rows<1>;
+}
 
 // Whether V_blk can be read in place: float32 rows of contiguous elements, whole vectors long.
 inline bool v_in_place(const SoftmaxFwdParams& p) {
@@ -51,19 +80,21 @@ inline bool v_in_place(const SoftmaxFwdParams& p) {
 }
 
 inline size_t scratch_floats(const SoftmaxFwdParams& p) {
-  const int64_t r = kBlockRows, D = p.head_dim, dvp = padded_dv(p);
-  // float32 copies of a key block (other dtypes) and a value block (when not read in place)
-  const int64_t kbuf = p.dtype == kFloat32 ? 0 : round_up(kBlockKeys * D, 16);
+  const int64_t r = kBlockRows, D = p.head_dim, dp = padded_d(p), dvp = padded_dv(p);
+  // float32 copies of a key block (rows dp long) and a value block (when not read in place)
+  const int64_t kbuf = round_up(kBlockKeys * dp, 16);
   const int64_t vbuf = v_in_place(p) ? 0 : round_up(kBlockKeys * dvp, 16);
-  return static_cast<size_t>(round_up(D * r, 16) + round_up(kBlockKeys * r, 16) +
-                             round_up(r * dvp, 16) + 3 * r + 6 * r + 2 * r + kbuf + vbuf);
+  return static_cast<size_t>(round_up(D * r, 16) + round_up(kW * dp, 16) +
+                             round_up(kBlockKeys * r, 16) + round_up(r * dvp, 16) + 3 * r + 6 * r +
+                             2 * r + kbuf + vbuf);
 }
 
 inline Scratch carve(float* base, const SoftmaxFwdParams& p) {
   const int64_t r = kBlockRows, D = p.head_dim;
   Scratch s;
   s.qt = base;
-  s.st = s.qt + round_up(D * r, 16);
+  s.qr = s.qt + round_up(D * r, 16);
+  s.st = s.qr + round_up(kW * padded_d(p), 16);
   s.o = s.st + round_up(kBlockKeys * r, 16);
   s.m = s.o + round_up(r * padded_dv(p), 16);
   s.l = s.m + r;
@@ -75,7 +106,7 @@ inline Scratch carve(float* base, const SoftmaxFwdParams& p) {
   s.drop_lo = reinterpret_cast<uint32_t*>(s.alpha + 7 * r);
   s.drop_hi = reinterpret_cast<uint32_t*>(s.alpha + 8 * r);
   s.kbuf = s.alpha + 9 * r;
-  s.vbuf = s.kbuf + (p.dtype == kFloat32 ? 0 : round_up(kBlockKeys * D, 16));
+  s.vbuf = s.kbuf + round_up(kBlockKeys * padded_d(p), 16);
   return s;
 }
 
@@ -155,7 +186,7 @@ inline void dropout_tile(const SoftmaxFwdParams& p, const Scratch& s, int64_t j0
 }
 
 void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_base) {
-  const int64_t D = p.head_dim, Dv = p.head_dim_v, dvp = padded_dv(p);
+  const int64_t D = p.head_dim, Dv = p.head_dim_v, dp = padded_d(p), dvp = padded_dv(p);
   const int64_t rows = t.n_heads * t.n_i;
   const int n_vecs = static_cast<int>((rows + kW - 1) / kW);
   const int64_t ld = static_cast<int64_t>(n_vecs) * kW;  // row length of QT / ST / OT
@@ -179,6 +210,7 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
 
   const bool native = p.dtype == kFloat32;  // k is read in place
   const bool v_native = v_in_place(p);
+  const int few = few_rows(rows);
   const void* k = offset(p.k, p.dtype, t.batch * p.k_stride[0] + t.kv_head * p.k_stride[1]);
   const void* v = offset(p.v, p.dtype, t.batch * p.v_stride[0] + t.kv_head * p.v_stride[1]);
   const bool softcap = p.softcap > 0.0f;
@@ -188,13 +220,24 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
   if (kmax >= 0) {
     // QT = q^T * (scale * log2 e), or * scale / softcap before the tanh.
     const float q_mul = softcap ? p.scale / p.softcap : p.scale * kLog2e;
+    // ... in rows of dp (zero padded, rows up to R zero) when few, else transposed
     for (int64_t h = t.h_first; h < t.h_first + t.n_heads; ++h) {
       const int64_t r0 = (h - t.h_first) * t.n_i;
       const void* q = offset(p.q, p.dtype, row_offset(p.q_stride, t.batch, h, t.i_first));
-      pack_cols(p.dtype, s.qt + r0, ld, q, t.n_i, p.q_stride[2], D, p.q_stride[3], q_mul);
+      if (few > 0) {
+        pack_rows(p.dtype, s.qr + r0 * dp, dp, q, t.n_i, p.q_stride[2], D, p.q_stride[3], q_mul);
+      } else {
+        pack_cols(p.dtype, s.qt + r0, ld, q, t.n_i, p.q_stride[2], D, p.q_stride[3], q_mul);
+      }
     }
-    for (int64_t d = 0; d < D; ++d) {
-      for (int64_t r = rows; r < ld; ++r) s.qt[d * ld + r] = 0.0f;
+    if (few > 0) {
+      for (int64_t x = rows * dp; x < few * dp; ++x) s.qr[x] = 0.0f;
+      // scores_few_rows writes lanes [0, few) of each S^T row: keep the rest finite
+      for (int64_t x = 0; x < kBlockKeys * ld; ++x) s.st[x] = 0.0f;
+    } else {
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t r = rows; r < ld; ++r) s.qt[d * ld + r] = 0.0f;
+      }
     }
     for (int64_t r = 0; r < ld; ++r) {
       s.m[r] = -kInf;
@@ -221,16 +264,27 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
 
     for (int64_t j0 = kmin; j0 <= kmax; j0 += kBlockKeys) {
       const int64_t bn = min64(kBlockKeys, kmax + 1 - j0);
-      // A[j, d] of the key block: the tensor itself, or its float32 copy.
+      // The key block: the tensor itself, or its float32 copy.
       const void* kb = offset(k, p.dtype, j0 * p.k_stride[2]);
-      int64_t k_row = p.k_stride[2], k_d = p.k_stride[3];
-      if (!native) {
-        pack_rows(p.dtype, s.kbuf, D, kb, bn, p.k_stride[2], D, p.k_stride[3], 1.0f);
-        kb = s.kbuf;
-        k_row = D;
-        k_d = 1;
+      if (few > 0) {
+        int64_t k_row = p.k_stride[2];
+        if (!k_rows_in_place(p)) {
+          pack_rows(p.dtype, s.kbuf, dp, kb, bn, p.k_stride[2], D, p.k_stride[3], 1.0f);
+          kb = s.kbuf;
+          k_row = dp;
+        }
+        scores_for(few)(bn, dp, static_cast<const float*>(kb), k_row, s.qr, s.st, ld);
+      } else {
+        // A[j, d] = K[j, d], through its strides
+        int64_t k_row = p.k_stride[2], k_d = p.k_stride[3];
+        if (!native) {
+          pack_rows(p.dtype, s.kbuf, D, kb, bn, p.k_stride[2], D, p.k_stride[3], 1.0f);
+          kb = s.kbuf;
+          k_row = D;
+          k_d = 1;
+        }
+        gemm<false>(bn, n_vecs, D, static_cast<const float*>(kb), k_row, k_d, s.qt, ld, s.st, ld);
       }
-      gemm<false>(bn, n_vecs, D, static_cast<const float*>(kb), k_row, k_d, s.qt, ld, s.st, ld);
       const bool masked = max_lo > j0 || min_hi < j0 + bn - 1;
       if (masked) {
         // Row bounds relative to j0, clamped into [-1, bn] so they fit int32 lanes.

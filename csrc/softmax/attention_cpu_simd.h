@@ -185,6 +185,87 @@ TileFn tile_for(int mr, int nv) {
   }
 }
 
+// ------------------------------------------------------------------------ dot products
+
+// One stage of a reduction of 2H vectors to H: lanes l of the result with bit H clear hold
+// a[l] + a[l + H], lanes with it set hold b[l - H] + b[l].
+template <int H>
+inline vf fold_pair(vf a, vf b) {
+  const vi c = iota_i();
+  const vi high = (c & H) != 0;  // all ones where bit H of the lane is set
+  const vi take_lo = c + (high & (kW - H));        // a[l], or b[l - H]
+  const vi take_hi = c + (~high & H) + (high & kW);  // a[l + H], or b[l]
+  return __builtin_shuffle(a, b, take_lo) + __builtin_shuffle(a, b, take_hi);
+}
+
+template <int H>
+inline void fold_stages(vf* c) {
+  for (int i = 0; i < H; ++i) c[i] = fold_pair<H>(c[2 * i], c[2 * i + 1]);
+  if constexpr (H > 1) fold_stages<H / 2>(c);
+}
+
+constexpr int bit_reverse(int x) {
+  int y = 0;
+  for (int w = 1; w < kW; w <<= 1, x >>= 1) y = (y << 1) | (x & 1);
+  return y;
+}
+
+// The kW horizontal sums of acc[0..kW) as one vector: lane l = sum of acc[l]'s lanes. The
+// stages fold the top lane bit first, which leaves sums in bit-reversed order: feeding the
+// inputs bit-reversed puts them back.
+inline vf lane_sums(const vf* acc) {
+  vf c[kW];
+#pragma GCC unroll 16
+  for (int i = 0; i < kW; ++i) c[i] = acc[bit_reverse(i)];
+  fold_stages<kW / 2>(c);
+  return c[0];
+}
+
+// S^T[j, r] = sum_d K[j, d] Qr[r, d] for keys j < bn and query rows r < R, written to
+// st[j * ld + r]: dot products along d, for blocks of so few query rows (decoding) that the
+// transposed product K . QT would fill only R of each vector's kW lanes. kW / R keys at a
+// time make kW full-width accumulators, summed across lanes together by lane_sums. K rows
+// (k_row floats apart) and Qr rows (dp floats apart, 64-byte aligned) hold dp floats, a
+// whole number of vectors, zero past the head dim.
+template <int R>
+void scores_few_rows(int64_t bn, int64_t dp, const float* k, int64_t k_row, const float* qr,
+                     float* st, int64_t ld) {
+  static_assert(R >= 1 && kW % R == 0, "R must divide the vector width");
+  constexpr int JB = kW / R;  // keys per step
+  int64_t j0 = 0;
+  for (; j0 + JB <= bn; j0 += JB) {
+    vf acc[kW];
+#pragma GCC unroll 16
+    for (int i = 0; i < kW; ++i) acc[i] = vf{};
+    for (int64_t d = 0; d < dp; d += kW) {
+      vf qv[R];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) qv[r] = at(qr + r * dp + d);
+#pragma GCC unroll 16
+      for (int jj = 0; jj < JB; ++jj) {
+        const vf kv = loadu(k + (j0 + jj) * k_row + d);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) acc[jj * R + r] += kv * qv[r];
+      }
+    }
+    const vf sums = lane_sums(acc);  // lane jj * R + r: key j0 + jj, row r
+#pragma GCC unroll 16
+    for (int jj = 0; jj < JB; ++jj) {
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) st[(j0 + jj) * ld + r] = sums[jj * R + r];
+    }
+  }
+  for (; j0 < bn; ++j0) {  // the last bn % JB keys, one at a time
+    for (int r = 0; r < R; ++r) {
+      vf acc{};
+      for (int64_t d = 0; d < dp; d += kW) acc += loadu(k + j0 * k_row + d) * at(qr + r * dp + d);
+      float sum = 0.0f;
+      for (int l = 0; l < kW; ++l) sum += acc[l];
+      st[j0 * ld + r] = sum;
+    }
+  }
+}
+
 // C[M x n_vecs*W] (+)= A[M x K] * B[K x n_vecs*W] in register tiles; C is 64-byte aligned
 // scratch, B rows of n_vecs*W contiguous floats at any alignment, A any floats (one scalar
 // broadcast per element, through its strides).
