@@ -21,7 +21,7 @@
 // the only transcendental.
 //
 // Per key block: S^T, softcap, attn_bias, causal / window mask, online softmax, dropout
-// of P^T (the row sums l take P before dropout, as the lse does), O^T update.
+// of P^T (the row sums l take P before dropout, as the lse does), O update.
 
 #include <cstdint>
 
@@ -189,7 +189,7 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
   const int64_t D = p.head_dim, Dv = p.head_dim_v, dp = padded_d(p), dvp = padded_dv(p);
   const int64_t rows = t.n_heads * t.n_i;
   const int n_vecs = static_cast<int>((rows + kW - 1) / kW);
-  const int64_t ld = static_cast<int64_t>(n_vecs) * kW;  // row length of QT / ST / OT
+  const int64_t ld = static_cast<int64_t>(n_vecs) * kW;  // row length of QT / ST
   Scratch s = carve(scratch_base, p);
 
   // Visible key range of every row (within the task's keys), and of the block as a whole
@@ -220,7 +220,7 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
   if (kmax >= 0) {
     // QT = q^T * (scale * log2 e), or * scale / softcap before the tanh.
     const float q_mul = softcap ? p.scale / p.softcap : p.scale * kLog2e;
-    // ... in rows of dp (zero padded, rows up to R zero) when few, else transposed
+    // For few rows, Qr instead: rows dp long, zero past D, and zero rows up to R.
     for (int64_t h = t.h_first; h < t.h_first + t.n_heads; ++h) {
       const int64_t r0 = (h - t.h_first) * t.n_i;
       const void* q = offset(p.q, p.dtype, row_offset(p.q_stride, t.batch, h, t.i_first));
