@@ -140,33 +140,13 @@ def attention_varlen_backward(grads, inputs, outputs, needs, *, cu_seqlens_q, cu
 
 # --------------------------------------------------------------------------- linear attention
 
-def linear_attention_forward(inputs, *, causal, feature_map, normalize, scale, eps):
+def linear_attention_forward(inputs, **params):
     from ..launchers import cpu_linear
 
-    q, k, v, log_decay, state_s, state_z = inputs
-    b, hq, seq, f = q.shape
-    dv = v.shape[-1]
-    out = torch.empty((b, hq, seq, dv), dtype=q.dtype)
-    final_s = torch.empty((b, hq, f, dv), dtype=torch.float32)
-    final_z = torch.empty((b, hq, f), dtype=torch.float32)
-    cpu_linear.linear_forward(q, k, v, log_decay, state_s, state_z, out, final_s, final_z, causal=causal,
-                              feature_map=feature_map, normalize=normalize, scale=scale, eps=eps)
-    return out, final_s, final_z
+    return _compiled.linear_attention_forward(cpu_linear.linear_forward, inputs, **params)
 
 
-def linear_attention_backward(grads, inputs, outputs, needs, *, causal, feature_map, normalize, scale, eps):
+def linear_attention_backward(grads, inputs, outputs, needs, **params):
     from ..launchers import cpu_linear
 
-    q, k, v, log_decay, state_s, state_z = inputs
-    dout, dfinal_s, dfinal_z = grads
-    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype) for x in (q, k, v))
-    want = lambda i, x: bool(needs[i]) and x is not None  # noqa: E731
-    dlog_decay = torch.empty(log_decay.shape, dtype=torch.float32) if want(3, log_decay) else None
-    dstate_s = torch.empty(state_s.shape, dtype=torch.float32) if want(4, state_s) else None
-    dstate_z = torch.empty(state_z.shape, dtype=torch.float32) if want(5, state_z) else None
-    cpu_linear.linear_backward(
-        q, k, v, log_decay, state_s, state_z, None if dout is None else dout.to(q.dtype),
-        None if dfinal_s is None else dfinal_s.to(torch.float32),
-        None if dfinal_z is None else dfinal_z.to(torch.float32), dq, dk, dv, dlog_decay, dstate_s, dstate_z,
-        causal=causal, feature_map=feature_map, normalize=normalize, scale=scale, eps=eps)
-    return dq, dk, dv, dlog_decay, dstate_s, dstate_z
+    return _compiled.linear_attention_backward(cpu_linear.linear_backward, grads, inputs, needs, **params)
