@@ -110,6 +110,17 @@ def decode_state(context: int):
     return state, (q[:, :, -1:], k[:, :, -1:], v[:, :, -1:]), (k[:, :, :-1], v[:, :, :-1])
 
 
+def _flags(args) -> list:
+    """The command-line flags that reproduce `args` (switches only when on; --json left out)."""
+    out = []
+    for key, value in vars(args).items():
+        flag = "--" + key.replace("_", "-")
+        if key == "json" or value is False:
+            continue
+        out.append(flag if value is True else f"{flag} {value}")
+    return out
+
+
 def decode_steps(context: int):
     """(linear decoding step, softmax decoding step over a KV cache of `context` tokens)."""
     state, (q1, k1, v1), (k_cache, v_cache) = decode_state(context)
@@ -235,8 +246,7 @@ def main() -> None:
         record = dict(date=datetime.date.today().isoformat(), machine=cpu_model(),
                       isa=pyattn._extension.load_cpu().current_isa(), threads=torch.get_num_threads(),
                       torch=torch.__version__, shape=dict(batch=B, heads=H, seq=S, dim=D), rounds=args.rounds,
-                      command="python bench/bench_linear.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                                          vars(args).items() if k != "json"),
+                      command="python bench/bench_linear.py " + " ".join(_flags(args)),
                       results=rows)
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)
