@@ -208,9 +208,10 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
     min_hi = min64(min_hi, hi);
   }
 
-  const bool native = p.dtype == kFloat32;  // k is read in place
-  const bool v_native = v_in_place(p);
   const int few = few_rows(rows);
+  // k and v are read in place, or a block at a time through a float32 copy (k: rows dp long)
+  const bool k_native = few > 0 ? k_rows_in_place(p) : p.dtype == kFloat32;
+  const bool v_native = v_in_place(p);
   const void* k = offset(p.k, p.dtype, t.batch * p.k_stride[0] + t.kv_head * p.k_stride[1]);
   const void* v = offset(p.v, p.dtype, t.batch * p.v_stride[0] + t.kv_head * p.v_stride[1]);
   const bool softcap = p.softcap > 0.0f;
@@ -261,28 +262,22 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
         fused_cap ? &softmax_block<true, false> : &softmax_block<false, false>;
     const SoftmaxBlockFn softmax_masked =
         fused_cap ? &softmax_block<true, true> : &softmax_block<false, true>;
+    const ScoresFn scores_few = few > 0 ? scores_for(few) : nullptr;
 
     for (int64_t j0 = kmin; j0 <= kmax; j0 += kBlockKeys) {
       const int64_t bn = min64(kBlockKeys, kmax + 1 - j0);
-      // The key block: the tensor itself, or its float32 copy.
+      // K[j, d] of the key block: the tensor through its strides, or its float32 copy.
       const void* kb = offset(k, p.dtype, j0 * p.k_stride[2]);
+      int64_t k_row = p.k_stride[2], k_d = p.k_stride[3];
+      if (!k_native) {
+        pack_rows(p.dtype, s.kbuf, dp, kb, bn, p.k_stride[2], D, p.k_stride[3], 1.0f);
+        kb = s.kbuf;
+        k_row = dp;
+        k_d = 1;
+      }
       if (few > 0) {
-        int64_t k_row = p.k_stride[2];
-        if (!k_rows_in_place(p)) {
-          pack_rows(p.dtype, s.kbuf, dp, kb, bn, p.k_stride[2], D, p.k_stride[3], 1.0f);
-          kb = s.kbuf;
-          k_row = dp;
-        }
-        scores_for(few)(bn, dp, static_cast<const float*>(kb), k_row, s.qr, s.st, ld);
+        scores_few(bn, dp, static_cast<const float*>(kb), k_row, s.qr, s.st, ld);
       } else {
-        // A[j, d] = K[j, d], through its strides
-        int64_t k_row = p.k_stride[2], k_d = p.k_stride[3];
-        if (!native) {
-          pack_rows(p.dtype, s.kbuf, D, kb, bn, p.k_stride[2], D, p.k_stride[3], 1.0f);
-          kb = s.kbuf;
-          k_row = D;
-          k_d = 1;
-        }
         gemm<false>(bn, n_vecs, D, static_cast<const float*>(kb), k_row, k_d, s.qt, ld, s.st, ld);
       }
       const bool masked = max_lo > j0 || min_hi < j0 + bn - 1;
