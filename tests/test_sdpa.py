@@ -98,3 +98,76 @@ def test_float32_mask_with_float64_inputs_like_torch():
     (got_q, got_mask), (want_q, want_mask) = (torch.autograd.grad(o.sum(), (q, mask)) for o in (out, want))
     assert_close(got_q, want_q, torch.float64)
     assert_close(got_mask, want_mask, torch.float32)
+
+
+PLAIN_CASES = {  # the calls a model makes: all must skip torch's slow checks on meta tensors
+    "4d": ((2, 4, 7, 8), (2, 4, 9, 8), (2, 4, 9, 6), {}),
+    "decode-gqa": ((1, 8, 1, 16), (1, 2, 33, 16), (1, 2, 33, 16), dict(enable_gqa=True)),
+    "causal": ((2, 4, 7, 8), (2, 4, 7, 8), (2, 4, 7, 8), dict(is_causal=True, scale=0.3)),
+    "3d": ((4, 5, 8), (4, 6, 8), (4, 6, 8), {}),
+    "bool-mask-2d": ((2, 4, 5, 8), (2, 4, 6, 8), (2, 4, 6, 8), dict(attn_mask=(5, 6))),
+    "padding-mask-4d": ((2, 4, 5, 8), (2, 4, 6, 8), (2, 4, 6, 8), dict(attn_mask=(2, 1, 1, 6))),
+}
+
+
+@pytest.mark.parametrize("case", list(PLAIN_CASES))
+def test_plain_calls_skip_the_meta_checks(case, monkeypatch):
+    from pyattn.ops import sdpa
+
+    def no_meta(x):
+        raise AssertionError("torch's checks on meta tensors ran (~3 ms a call)")
+
+    monkeypatch.setattr(sdpa, "_meta", no_meta)
+    qs, ks, vs, kwargs = PLAIN_CASES[case]
+    kwargs = dict(kwargs)
+    q, k, v = (torch.randn(*s) for s in (qs, ks, vs))
+    if "attn_mask" in kwargs:
+        kwargs["attn_mask"] = torch.rand(kwargs["attn_mask"]) > 0.2
+    assert_close(pyattn.scaled_dot_product_attention(q, k, v, **kwargs),
+                 F.scaled_dot_product_attention(q.double(), k.double(), v.double(), **{
+                     key: (val.clone() if isinstance(val, torch.Tensor) else val) for key, val in kwargs.items()}),
+                 torch.float32, name="out")
+
+
+def _random_call(gen):
+    """Random SDPA arguments on meta tensors, near the plain ones: shapes, flags and masks torch may reject."""
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=gen))]  # noqa: E731
+    dims = pick([2, 3, 4, 4, 4, 5])
+    lead = [pick([1, 2, 3]) for _ in range(dims - 3)]
+    heads_q, heads_k = pick([1, 2, 4, 8]), pick([1, 2, 4, 8])
+    L, S, E, Ev = pick([0, 1, 5]), pick([0, 1, 6]), pick([8, 8, 4]), pick([8, 6])
+    shape = lambda heads, n, e: tuple(pick([x, x, x, x, x, 1]) for x in lead) + (  # noqa: E731
+        (heads,) if dims >= 3 else ()) + (n, e)
+    dtype = pick([torch.float32, torch.float32, torch.float16, torch.float64])
+    q = torch.empty(shape(heads_q, L, E), dtype=dtype, device="meta")
+    k = torch.empty(shape(heads_k, S, pick([E, E, E, E, 4])), dtype=pick([dtype, dtype, dtype, torch.float32]), device="meta")
+    v = torch.empty(shape(pick([heads_k, heads_k, heads_k, heads_q]), pick([S, S, S, S, 2]), Ev), dtype=dtype, device="meta")
+    kwargs = dict(is_causal=pick([False, False, True]), enable_gqa=pick([False, True]), scale=pick([None, 0.5]))
+    if pick([False, True]):
+        full = q.shape[:-1] + (S,)
+        mask_shape = tuple(pick([x, x, 1, 2]) for x in full[-pick([1, 2, 3, 4]):])
+        kwargs["attn_mask"] = torch.empty(mask_shape, dtype=pick([torch.bool, dtype, torch.float32, torch.int32]),
+                                          device="meta")
+    return q, k, v, kwargs
+
+
+def test_plain_shape_is_torch_shape():
+    from pyattn.ops.sdpa import _plain_output_shape
+
+    gen = torch.Generator().manual_seed(0)
+    plain = 0
+    for _ in range(3000):
+        q, k, v, kwargs = _random_call(gen)
+        shape = _plain_output_shape(q, k, v, kwargs.get("attn_mask"), kwargs["is_causal"], kwargs["scale"],
+                                    kwargs["enable_gqa"])
+        if shape is None:
+            continue
+        plain += 1
+        context = f"q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)}, v {tuple(v.shape)}, {kwargs}"
+        try:  # torch accepts every plain call, with that output shape, and a mask does not grow it
+            assert F.scaled_dot_product_attention(q, k, v, **kwargs).shape == shape, context
+            unmasked = dict(kwargs, attn_mask=None, is_causal=False)
+            assert F.scaled_dot_product_attention(q, k, v, **unmasked).shape == shape, context
+        except RuntimeError as error:
+            raise AssertionError(f"torch rejects a plain call: {context}: {error}") from error
+    assert plain > 150  # the grid reaches the fast path often enough to mean something

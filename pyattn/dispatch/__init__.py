@@ -82,7 +82,7 @@ def get(name: str):
     return _MODULES[name]
 
 
-# (name, TRITON_INTERPRET) -> why the backend cannot run here (None: it can). Probing imports
+# (name, TRITON_INTERPRET for triton) -> why the backend cannot run here (None: it can). Probing imports
 # and devices on every call cost 20-30 us of a ~230 us one-token linear-attention step.
 _AVAILABILITY: Dict[Tuple[str, bool], Optional[str]] = {}
 
@@ -91,7 +91,7 @@ def _unavailable(name: str) -> Optional[str]:
     # Probing imports and compiled modules is host work torch.compile need not trace: it is
     # constant for the process (up to TRITON_INTERPRET, which tests set and unset), so dynamo
     # calls it once and keeps the answer, and eager calls reuse the first answer.
-    key = (name, _config.triton_interpret())
+    key = (name, name == "triton" and _config.triton_interpret())  # reading the environment costs ~3 us
     if key not in _AVAILABILITY:
         _AVAILABILITY[key] = _MODULES[name].unavailable()
     return _AVAILABILITY[key]

@@ -25,6 +25,41 @@ def _meta(x):
     return None if x is None else torch.empty_like(x, device="meta")
 
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _plain_output_shape(query, key, value, attn_mask, is_causal, scale, enable_gqa):
+    """The output shape of the inputs most calls bring, all of which torch accepts; None for the rest.
+
+    Plain means: strided 3-D or 4-D q, k, v of one float dtype with equal leading dims, equal
+    head counts (or, 4-D with ``enable_gqa``, q's a multiple of k's), matching head and key
+    sizes, plain Python flags and scale, no mask with ``is_causal``, and a bool or q-dtype mask
+    that broadcasts to the scores without growing them. torch's own checks run on meta copies
+    for everything else: they cost ~3 ms a call (torch runs its Python decomposition on meta
+    tensors), which a decoding step must not pay.
+    """
+    dims = query.dim()
+    if (dims not in (3, 4) or key.dim() != dims or value.dim() != dims or query.dtype not in _FLOATS
+            or key.dtype != query.dtype or value.dtype != query.dtype
+            or any(x.layout != torch.strided for x in (query, key, value))
+            or type(is_causal) is not bool or type(enable_gqa) is not bool
+            or not (scale is None or type(scale) is float)):
+        return None
+    q_heads, k_heads = query.shape[-3], key.shape[-3]
+    heads_ok = q_heads == k_heads or (enable_gqa and dims == 4 and k_heads > 0 and q_heads % k_heads == 0)
+    if (not heads_ok or value.shape[-3] != k_heads or query.shape[:-3] != key.shape[:-3]
+            or value.shape[:-3] != key.shape[:-3] or query.shape[-1] != key.shape[-1]
+            or value.shape[-2] != key.shape[-2]):
+        return None
+    if attn_mask is not None:
+        scores = query.shape[:-1] + (key.shape[-2],)
+        if (is_causal or attn_mask.layout != torch.strided or attn_mask.dtype not in (torch.bool, query.dtype)
+                or attn_mask.dim() > dims
+                or any(m not in (1, s) for m, s in zip(reversed(attn_mask.shape), reversed(scores)))):
+            return None
+    return query.shape[:-1] + (value.shape[-1],)
+
+
 def _torch_checks(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> torch.Size:
     """Run torch's checks on meta copies; returns the output shape."""
     for name, x in (("query", query), ("key", key), ("value", value)):
@@ -37,6 +72,9 @@ def _torch_checks(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
         raise SDPAInputError(f"query, key, value and attn_mask must be on one device, got {sorted(map(str, devices))}")
     if not 0.0 <= dropout_p <= 1.0:
         raise SDPAInputError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+    shape = _plain_output_shape(query, key, value, attn_mask, is_causal, scale, enable_gqa)
+    if shape is not None:
+        return shape
     q, k, v, mask = (_meta(x) for x in (query, key, value, attn_mask))
     try:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
@@ -53,6 +91,8 @@ def _torch_checks(query, key, value, attn_mask, dropout_p, is_causal, scale, ena
 
 def _as_4d(x: torch.Tensor, batch: torch.Size, heads: int) -> torch.Tensor:
     """(..., H, L, E) -> (prod(batch), heads, L, E); H is 1 or `heads`; a view unless batch dims must merge."""
+    if x.dim() == 4 and len(batch) == 1 and x.shape[:2] == batch + (heads,):
+        return x  # already (B, H, L, E): most calls
     if x.dim() < 3:
         x = x[(None,) * (3 - x.dim())]
     x = x.expand(batch + (heads,) + x.shape[-2:])
@@ -97,4 +137,5 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
     q, k, v, kwargs, out_shape = _to_attention_args(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                                     enable_gqa)
-    return attention(q, k, v, **kwargs).reshape(out_shape)
+    out = attention(q, k, v, **kwargs)
+    return out if out.shape == out_shape else out.reshape(out_shape)
