@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../common/parallel.h"
+#include "../common/scratch.h"
 #include "../softmax/attention_cpu.h"
 
 namespace pyattn {
@@ -41,33 +42,18 @@ const LinearIsaKernel& best_kernel() {
   return linear_kernel_base();
 }
 
-struct FreeDeleter {
-  void operator()(void* ptr) const { std::free(ptr); }
-};
-using Buffer = std::unique_ptr<float, FreeDeleter>;
-
-Buffer aligned_floats(size_t n) {
-  void* raw = nullptr;
-  if (posix_memalign(&raw, 64, std::max<size_t>(n, 16) * sizeof(float)) != 0) {
-    throw std::bad_alloc();
-  }
-  return Buffer(static_cast<float*>(raw));
-}
-
-// A 64-byte multiple plus one cache line apart.
-size_t worker_stride(size_t floats) { return (floats + 15) / 16 * 16 + 16; }
-
 // FLOPs of one head's forward (chunk products plus state updates), for the thread count.
 double head_flops(const LinearFwdParams& p) {
   const double c = 64.0, f = static_cast<double>(p.feat), dv = static_cast<double>(p.dim_v);
   return static_cast<double>(p.seq) * (4.0 * f * dv + c * (f + dv)) + 2.0 * f * dv;
 }
 
-// Waking a worker costs a few microseconds: small problems stay on fewer threads.
-int thread_count(int num_threads, double flops, int64_t n_items) {
-  int threads = std::max(1, num_threads);
-  threads = static_cast<int>(std::min<double>(threads, std::max(1.0, flops / 2e6)));
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n_items)));
+// Bytes a forward reads and writes: q, k, v, out and the float32 state of each query head.
+double forward_bytes(const LinearFwdParams& p) {
+  const double es = p.dtype == 0 ? 4.0 : 2.0, f = static_cast<double>(p.feat);
+  const double dv = static_cast<double>(p.dim_v), s = static_cast<double>(p.seq);
+  const double bq = static_cast<double>(p.batch * p.heads_q), bkv = static_cast<double>(p.batch * p.heads_kv);
+  return es * s * (bq * (f + dv) + bkv * (f + dv)) + 4.0 * bq * f * (dv + 1.0);
 }
 
 struct FwdJob {
@@ -231,7 +217,7 @@ void linear_fwd(const LinearFwdParams& p, int num_threads) {
   const LinearIsaKernel& k = linear_kernel();
   const int64_t items = p.batch * p.heads_q;
   const double flops = head_flops(p) * static_cast<double>(items);
-  const int64_t wanted = thread_count(num_threads, flops, INT64_MAX);
+  const int64_t wanted = thread_count(num_threads, flops, forward_bytes(p), INT64_MAX);
   if (p.causal && items < wanted && p.seq >= 2 * kMinSegment) {
     SplitJob job;
     job.p = &p;
@@ -253,7 +239,7 @@ void linear_fwd(const LinearFwdParams& p, int num_threads) {
     parallel_for(items * job.n_seg, threads, &split_item, &job);
     return;
   }
-  const int threads = thread_count(num_threads, flops, items);
+  const int threads = thread_count(num_threads, flops, forward_bytes(p), items);
   FwdJob job;
   job.p = &p;
   job.kernel = &k;
@@ -270,7 +256,8 @@ void linear_bwd(const LinearBwdParams& bp, int num_threads) {
   const int64_t items = p.batch * p.heads_q;
   // Backward: about three forwards of products.
   const int threads =
-      thread_count(num_threads, 3.0 * head_flops(p) * static_cast<double>(items), items);
+      thread_count(num_threads, 3.0 * head_flops(p) * static_cast<double>(items),
+                   2.0 * forward_bytes(p), items);
   BwdJob job;
   job.p = &bp;
   job.kernel = &k;

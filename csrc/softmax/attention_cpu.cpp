@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../common/parallel.h"
+#include "../common/scratch.h"
 
 namespace pyattn {
 namespace cpu {
@@ -81,31 +82,16 @@ SoftmaxBwdParams sequence_view(const SoftmaxBwdParams& p, int64_t b) {
   return s;
 }
 
-struct FreeDeleter {
-  void operator()(void* ptr) const { std::free(ptr); }
-};
-using Buffer = std::unique_ptr<float, FreeDeleter>;
-
-Buffer aligned_floats(size_t n) {
-  void* raw = nullptr;
-  if (posix_memalign(&raw, 64, std::max<size_t>(n, 16) * sizeof(float)) != 0) {
-    throw std::bad_alloc();
-  }
-  return Buffer(static_cast<float*>(raw));
-}
-
-// Per-worker scratch stride: a 64-byte multiple plus one cache line apart.
-size_t worker_stride(size_t floats) { return (floats + 15) / 16 * 16 + 16; }
-
-// Waking a worker costs a few microseconds: small problems stay on fewer threads.
-int thread_count(int num_threads, double flops, int64_t n_items) {
-  int threads = std::max(1, num_threads);
-  threads = static_cast<int>(std::min<double>(threads, std::max(1.0, flops / 2e6)));
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n_items)));
-}
-
 double attention_flops(const SoftmaxFwdParams& p) {
   return 2.0 * static_cast<double>(p.batch * p.heads_q) * p.seq_q * static_cast<double>(p.seq_k) *
+         static_cast<double>(p.head_dim + p.head_dim_v);
+}
+
+// Bytes a forward reads and writes at least once: q, k, v and out.
+double attention_bytes(const SoftmaxFwdParams& p) {
+  const double rows_q = static_cast<double>(p.batch * p.heads_q) * static_cast<double>(p.seq_q);
+  const double rows_k = static_cast<double>(p.batch * p.heads_kv) * static_cast<double>(p.seq_k);
+  return static_cast<double>(elem_bytes(p.dtype)) * (rows_q + rows_k) *
          static_cast<double>(p.head_dim + p.head_dim_v);
 }
 
@@ -321,7 +307,7 @@ void softmax_fwd(const SoftmaxFwdParams& p, int num_threads) {
     job.n_blocks = p.batch * p.heads_q * job.blocks_per_head;
   }
   const double flops = attention_flops(p);
-  int threads = thread_count(num_threads, flops, INT64_MAX);
+  int threads = thread_count(num_threads, flops, attention_bytes(p), INT64_MAX);
   // Fewer query blocks than threads (decoding): split the keys as flash-decoding does, at
   // least 4 key blocks per range, about two ranges per thread.
   constexpr int64_t kMinSplitKeys = 256;
@@ -371,7 +357,7 @@ void softmax_bwd(const SoftmaxBwdParams& bp, int num_threads) {
   job.ws.dp = (p.head_dim + 15) / 16 * 16;
   job.ws.dvp = (p.head_dim_v + 15) / 16 * 16;
   // Backward: 5 products of the forward's size instead of 2.
-  const int threads = thread_count(num_threads, 2.5 * attention_flops(p),
+  const int threads = thread_count(num_threads, 2.5 * attention_flops(p), 2.0 * attention_bytes(p),
                                    std::max<int64_t>(job.n_pairs * max_kb, job.n_tiles));
   job.n_workers = threads;
   // Several chunks of key blocks per (batch, kv head) when there are too few pairs to keep
