@@ -12,7 +12,7 @@ END = "<!-- measured: end -->"
 
 
 def kind(record) -> str:
-    """'softmax-paired', 'linear-paired', 'memory', 'ceiling' or '' (not one of these runs)."""
+    """'softmax-paired', 'linear-paired', 'memory', 'ceiling', 'overhead' or '' (not one of these runs)."""
     results = record.get("results") if isinstance(record, dict) else None
     if record.get("schema") or not results or not isinstance(results, list):
         return ""
@@ -25,6 +25,8 @@ def kind(record) -> str:
         return "memory"
     if "sgemm_gflops" in first:
         return "ceiling"
+    if "calls_us" in first:
+        return "overhead"
     return ""
 
 
@@ -100,7 +102,23 @@ def _ceiling(path, r):
     return lines + [""]
 
 
-RENDER = {"softmax-paired": _softmax, "linear-paired": _linear, "memory": _memory, "ceiling": _ceiling}
+def _overhead(path, r):
+    names = list(r["results"][0]["calls_us"])
+    lines = [f"Time per call of small float32 calls, no grad ({_machine(r)}; median over {r['rounds']} rounds, "
+             f"in brackets the median of paired ratios SDPA time / this time; `{r['command']}`; "
+             f"[{os.path.basename(path)}]({path}):", "",
+             "| case (B, Hq/Hkv, Sq, Sk, D) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for x in r["results"]:
+        s = x["shape"]
+        case = (f"{x['case']} ({s['batch']}, {s['heads_q']}/{s['heads_kv']}, {s['seq_q']}, {s['seq_k']}, "
+                f"{s['dim']})")
+        lines.append(f"| {case} | " + " | ".join(f"{x['calls_us'][n]:.0f} us ({x['sdpa_over'][n]:.2f}x)"
+                                                 for n in names) + " |")
+    return lines + [""]
+
+
+RENDER = {"softmax-paired": _softmax, "linear-paired": _linear, "memory": _memory, "ceiling": _ceiling,
+          "overhead": _overhead}
 
 
 def render(paths, root) -> str:

@@ -102,6 +102,13 @@ def test_readme_section_is_generated_from_the_results(record, tmp_path):
                     "sdpa_over_sgemm": 0.8, "pyattn_over_sgemm": 0.8, "speedup_vs_sdpa": 1.0,
                     "goal_over_sgemm": 0.96}]}
     (results / "ceiling.json").write_text(json.dumps(ceiling))
+    overhead = {"date": "2026-11-23", "machine": "CPU", "isa": "avx2", "threads": 2, "torch": "2.13.0",
+                "command": "c", "rounds": 3, "results": [
+                    {"case": "decode", "shape": {"batch": 1, "heads_q": 8, "heads_kv": 2, "seq_q": 1, "seq_k": 64,
+                                                 "dim": 16},
+                     "calls_us": {"torch SDPA": 20.0, "pyattn.attention": 80.0},
+                     "sdpa_over": {"torch SDPA": 1.0, "pyattn.attention": 0.25}}]}
+    (results / "overhead.json").write_text(json.dumps(overhead))
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\n\nkept\n\n{render.START}\nstale\n{render.END}\n\nmiddle\n\n"
                       f"{measured.START}\nstale too\n{measured.END}\n\nkept too\n")
@@ -115,6 +122,8 @@ def test_readme_section_is_generated_from_the_results(record, tmp_path):
     assert "| fwd-fp32 | 10.0 vs 12.5 ms: **1.25x** | 10.0 vs 12.5 ms: **1.25x** |" in text
     assert ("| 2 | 130 GFLOP/s | 104 GFLOP/s (0.80 of sgemm) | 104 GFLOP/s (0.80 of sgemm) | 1.00x "
             "| 0.96 of sgemm |") in text
+    assert "| case (B, Hq/Hkv, Sq, Sk, D) | torch SDPA | pyattn.attention |" in text
+    assert "| decode (1, 8/2, 1, 64, 16) | 20 us (1.00x) | 80 us (0.25x) |" in text
     render.main(["--readme", str(readme), "--results", str(results), "--check"])   # up to date now
 
 
