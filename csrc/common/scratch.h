@@ -37,7 +37,8 @@ inline size_t worker_stride(size_t floats) { return (floats + 15) / 16 * 16 + 16
 inline int thread_count(int num_threads, double flops, double bytes, int64_t n_items) {
   const double worth = flops / 2e6 + bytes / 0.72e6;
   const double threads = std::min<double>(std::max(1, num_threads), std::max(1.0, worth));
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(static_cast<int64_t>(threads), n_items)));
+  const int64_t whole = static_cast<int64_t>(threads);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(whole, n_items)));
 }
 
 }  // namespace cpu

@@ -7,6 +7,7 @@
 //
 //   QT [D  ][BMp]  queries of the block, transposed, pre-scaled, float32
 //   ST [BN ][BMp]  S^T = K_blk . QT  ->  P^T = exp2(S^T - m)   (one row per key)
+//   SP [BN * R]    few rows (R <= kW / 2), no mask: S^T packed, kW / R keys per vector
 //   O  [BMp][Dvp]  O += P . V_blk, each row rescaled by exp2(m_old - m_new) per block
 //
 // S^T = K_blk . QT broadcasts the elements of the caller's float32 k through its strides
@@ -161,6 +162,53 @@ bool softmax_block(float* st, int64_t ld, int64_t bn, int n_vecs, float cap_mul,
 using SoftmaxBlockFn = bool (*)(float*, int64_t, int64_t, int, float, const int32_t*,
                                 const int32_t*, float*, float*, float*);
 
+// softmax_block for blocks of R <= kW / 2 query rows without mask, softcap, bias or dropout,
+// on the packed scores sp[j * R + r] of keys j < bn (scores_few_rows with ld = R): lane l of
+// every vector holds row l % R, so exp2 runs on whole vectors (the S^T layout would use R of
+// each vector's kW lanes: 1 of 8 when decoding without GQA on AVX2). sp is 64-byte aligned,
+// with room for bn * R rounded up to whole vectors.
+template <int R>
+bool softmax_block_few(float* sp, int64_t bn, float* m, float* l, float* alpha_out) {
+  const int64_t n = bn * R, n_vecs = (n + kW - 1) / kW;
+  for (int64_t x = n; x < n_vecs * kW; ++x) sp[x] = -kInf;  // lanes past the last key
+  const vf neg_inf = splat(-kInf);
+  vf mx = neg_inf;
+  for (int64_t i = 0; i < n_vecs; ++i) mx = vmax(mx, at(sp + i * kW));
+  mx = fold_rows<R, true>(mx);
+  vf m_old;
+  for (int lane = 0; lane < kW; ++lane) m_old[lane] = m[lane % R];
+  const vf m_new = vmax(m_old, mx);
+  const vf m_use = m_new == neg_inf ? vf{} : m_new;  // as in softmax_block
+  const vf alpha = vexp2(m_old - m_use);
+  vf sum{};
+  for (int64_t i = 0; i < n_vecs; ++i) {
+    const vf p = vexp2(at(sp + i * kW) - m_use);
+    at(sp + i * kW) = p;
+    sum += p;
+  }
+  sum = fold_rows<R, false>(sum);
+  bool changed = false;
+  for (int r = 0; r < R; ++r) {
+    l[r] = l[r] * alpha[r] + sum[r];
+    changed |= m_new[r] != m[r];
+    m[r] = m_new[r];
+    alpha_out[r] = alpha[r];
+  }
+  return changed;
+}
+
+using SoftmaxFewFn = bool (*)(float*, int64_t, float*, float*, float*);
+
+inline SoftmaxFewFn softmax_few_for(int r) {
+  if constexpr (kW >= 16) {
+    if (r == 8) return &softmax_block_few<8>;
+  }
+  if constexpr (kW >= 8) {
+    if (r == 4) return &softmax_block_few<4>;
+  }
+  return r == 2 ? &softmax_block_few<2> : &softmax_block_few<1>;
+}
+
 // Rows [0, rows) of O (row length dvp) times their alpha.
 inline void rescale_rows(float* o, int64_t dvp, int64_t rows, const float* alpha) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -263,6 +311,11 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
     const SoftmaxBlockFn softmax_masked =
         fused_cap ? &softmax_block<true, true> : &softmax_block<false, true>;
     const ScoresFn scores_few = few > 0 ? scores_for(few) : nullptr;
+    // Few rows and nothing but the online softmax between the products: blocks without a
+    // mask keep their scores packed (sp, past the S^T rows that masked blocks use).
+    const SoftmaxFewFn softmax_packed =
+        few > 0 && !softcap && !bias && !dropout ? softmax_few_for(few) : nullptr;
+    float* const sp = s.st + kBlockKeys * ld;
 
     for (int64_t j0 = kmin; j0 <= kmax; j0 += kBlockKeys) {
       const int64_t bn = min64(kBlockKeys, kmax + 1 - j0);
@@ -275,12 +328,15 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
         k_row = dp;
         k_d = 1;
       }
-      if (few > 0) {
+      const bool masked = max_lo > j0 || min_hi < j0 + bn - 1;
+      const bool packed = softmax_packed != nullptr && !masked;
+      if (packed) {
+        scores_few(bn, dp, static_cast<const float*>(kb), k_row, s.qr, sp, few);
+      } else if (few > 0) {
         scores_few(bn, dp, static_cast<const float*>(kb), k_row, s.qr, s.st, ld);
       } else {
         gemm<false>(bn, n_vecs, D, static_cast<const float*>(kb), k_row, k_d, s.qt, ld, s.st, ld);
       }
-      const bool masked = max_lo > j0 || min_hi < j0 + bn - 1;
       if (masked) {
         // Row bounds relative to j0, clamped into [-1, bn] so they fit int32 lanes.
         for (int64_t r = 0; r < ld; ++r) {
@@ -297,8 +353,10 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
         if (softcap) softcap_tile(s.st, ld, bn, n_vecs, cap_mul, nullptr);
         apply_bias(p, t.batch, t.h_first, t.i_first, t.n_i, rows, j0, bn, s.st, 1, ld);
       }
-      const bool rescale = (masked ? softmax_masked : softmax_plain)(
-          s.st, ld, bn, n_vecs, cap_mul, s.lo_rel, s.hi_rel, s.m, s.l, s.alpha);
+      const bool rescale =
+          packed ? softmax_packed(sp, bn, s.m, s.l, s.alpha)
+                 : (masked ? softmax_masked : softmax_plain)(s.st, ld, bn, n_vecs, cap_mul,
+                                                             s.lo_rel, s.hi_rel, s.m, s.l, s.alpha);
       if (rescale) rescale_rows(s.o, dvp, rows, s.alpha);
       if (dropout) dropout_tile(p, s, j0, bn, n_vecs, ld);
       // B[j, :] = V[j, :]: the tensor's rows, or their float32 copy padded to dvp.
@@ -309,8 +367,8 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
         vb = s.vbuf;
         v_row = dvp;
       }
-      // A[r, j] = P[r, j] = P^T[j, r]
-      gemm<true>(rows, static_cast<int>(dvp / kW), bn, s.st, 1, ld,
+      // A[r, j] = P[r, j] = P^T[j, r], packed or not
+      gemm<true>(rows, static_cast<int>(dvp / kW), bn, packed ? sp : s.st, 1, packed ? few : ld,
                  static_cast<const float*>(vb), v_row, s.o, dvp);
     }
   }

@@ -222,11 +222,11 @@ inline vf lane_sums(const vf* acc) {
 }
 
 // S^T[j, r] = sum_d K[j, d] Qr[r, d] for keys j < bn and query rows r < R, written to
-// st[j * ld + r]: dot products along d, for blocks of so few query rows (decoding) that the
-// transposed product K . QT would fill only R of each vector's kW lanes. kW / R keys at a
-// time make kW full-width accumulators, summed across lanes together by lane_sums. K rows
-// (k_row floats apart) and Qr rows (dp floats apart, 64-byte aligned) hold dp floats, a
-// whole number of vectors, zero past the head dim.
+// st[j * ld + r] (ld = R: packed, kW / R keys per vector): dot products along d, for blocks
+// of so few query rows (decoding) that the transposed product K . QT would fill only R of
+// each vector's kW lanes. kW / R keys at a time make kW full-width accumulators, summed
+// across lanes together by lane_sums. K rows (k_row floats apart) and Qr rows (dp floats
+// apart, 64-byte aligned) hold dp floats, a whole number of vectors, zero past the head dim.
 template <int R>
 void scores_few_rows(int64_t bn, int64_t dp, const float* k, int64_t k_row, const float* qr,
                      float* st, int64_t ld) {
@@ -249,6 +249,10 @@ void scores_few_rows(int64_t bn, int64_t dp, const float* k, int64_t k_row, cons
       }
     }
     const vf sums = lane_sums(acc);  // lane jj * R + r: key j0 + jj, row r
+    if (ld == R) {  // the packed layout: the lanes are already in place
+      __builtin_memcpy(st + j0 * R, &sums, sizeof(vf));
+      continue;
+    }
 #pragma GCC unroll 16
     for (int jj = 0; jj < JB; ++jj) {
 #pragma GCC unroll 16
@@ -266,23 +270,50 @@ void scores_few_rows(int64_t bn, int64_t dp, const float* k, int64_t k_row, cons
   }
 }
 
+// Lane l of the result: the max (MAX) or the sum of the lanes of x congruent to l modulo R,
+// folding halves of the vector onto each other down to R lanes (R a power of two).
+template <int R, bool MAX, int S = kW / 2>
+inline vf fold_rows(vf x) {
+  if constexpr (S < R) {
+    return x;
+  } else {
+    const vf y = __builtin_shuffle(x, (iota_i() + S) & (kW - 1));
+    return fold_rows<R, MAX, S / 2>(MAX ? vmax(x, y) : x + y);
+  }
+}
+
 // C[M x n_vecs*W] (+)= A[M x K] * B[K x n_vecs*W] in register tiles; C is 64-byte aligned
 // scratch, B rows of n_vecs*W contiguous floats at any alignment, A any floats (one scalar
 // broadcast per element, through its strides).
+//
+// A tile of one row has too few independent accumulators to cover the FMA latency (4 on
+// AVX2: one FMA a cycle instead of two). So a single row (decoding without GQA) takes tiles
+// twice as wide, and a lone row left after the full tiles joins the last one, split in two
+// (AVX2's 64 = 21 x 3 + 1 rows become 20 x 3 + 2 + 2).
 template <bool ACCUMULATE>
 void gemm(int64_t M, int n_vecs, int64_t K, const float* a, int64_t a_row, int64_t a_k,
           const float* b, int64_t ldb, float* c, int64_t ldc) {
-  for (int v0 = 0; v0 < n_vecs; v0 += kTileVecs) {
+  constexpr int kWide = 2 * kTileVecs;
+  int v_wide = 0;
+  if (M == 1) {
+    for (; v_wide + kWide <= n_vecs; v_wide += kWide) {
+      gemm_tile<1, kWide, ACCUMULATE>(K, a, a_row, a_k, b + v_wide * kW, ldb, c + v_wide * kW, ldc);
+    }
+  }
+  const int64_t rest = M % kTileRows;
+  const int64_t full_end = rest == 1 && M > kTileRows ? M - 1 - kTileRows : M - rest;
+  for (int v0 = v_wide; v0 < n_vecs; v0 += kTileVecs) {
     const int nv = static_cast<int>(min64(kTileVecs, n_vecs - v0));
     const TileFn full = tile_for<ACCUMULATE>(kTileRows, nv);
     int64_t r0 = 0;
-    for (; r0 + kTileRows <= M; r0 += kTileRows) {
+    for (; r0 < full_end; r0 += kTileRows) {
       full(K, a + r0 * a_row, a_row, a_k, b + v0 * kW, ldb, c + r0 * ldc + v0 * kW, ldc);
     }
-    if (r0 < M) {
-      tile_for<ACCUMULATE>(static_cast<int>(M - r0), nv)(K, a + r0 * a_row, a_row, a_k,
-                                                         b + v0 * kW, ldb,
-                                                         c + r0 * ldc + v0 * kW, ldc);
+    while (r0 < M) {  // the rest: at most two tiles of at least two rows, or one row
+      const int mr = static_cast<int>(M - r0 > kTileRows ? (M - r0 + 1) / 2 : M - r0);
+      tile_for<ACCUMULATE>(mr, nv)(K, a + r0 * a_row, a_row, a_k, b + v0 * kW, ldb,
+                                   c + r0 * ldc + v0 * kW, ldc);
+      r0 += mr;
     }
   }
 }
