@@ -52,7 +52,8 @@ double head_flops(const LinearFwdParams& p) {
 double forward_bytes(const LinearFwdParams& p) {
   const double es = p.dtype == 0 ? 4.0 : 2.0, f = static_cast<double>(p.feat);
   const double dv = static_cast<double>(p.dim_v), s = static_cast<double>(p.seq);
-  const double bq = static_cast<double>(p.batch * p.heads_q), bkv = static_cast<double>(p.batch * p.heads_kv);
+  const double bq = static_cast<double>(p.batch * p.heads_q);
+  const double bkv = static_cast<double>(p.batch * p.heads_kv);
   return es * s * (bq * (f + dv) + bkv * (f + dv)) + 4.0 * bq * f * (dv + 1.0);
 }
 
