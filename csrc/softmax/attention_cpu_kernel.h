@@ -63,18 +63,6 @@ inline int few_rows(int64_t rows) {
   return r <= kW / 2 ? r : 0;
 }
 
-using ScoresFn = void (*)(int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t);
-
-inline ScoresFn scores_for(int r) {
-  if constexpr (kW >= 16) {
-    if (r == 8) return &scores_few_rows<8>;
-  }
-  if constexpr (kW >= 8) {
-    if (r == 4) return &scores_few_rows<4>;
-  }
-  return r == 2 ? &scores_few_rows<2> : &scores_few_rows<1>;
-}
-
 // Whether V_blk can be read in place: float32 rows of contiguous elements, whole vectors long.
 inline bool v_in_place(const SoftmaxFwdParams& p) {
   return p.dtype == kFloat32 && p.v_stride[3] == 1 && p.head_dim_v % kW == 0;
@@ -197,16 +185,25 @@ bool softmax_block_few(float* sp, int64_t bn, float* m, float* l, float* alpha_o
   return changed;
 }
 
-using SoftmaxFewFn = bool (*)(float*, int64_t, float*, float*, float*);
+// The few-row functions for R query rows, R from few_rows.
+struct FewRowFns {
+  void (*scores)(int64_t, int64_t, const float*, int64_t, const float*, float*, int64_t);
+  bool (*softmax)(float*, int64_t, float*, float*, float*);
+};
 
-inline SoftmaxFewFn softmax_few_for(int r) {
+template <int R>
+FewRowFns few_row_fns_for() {
+  return {&scores_few_rows<R>, &softmax_block_few<R>};
+}
+
+inline FewRowFns few_row_fns(int r) {
   if constexpr (kW >= 16) {
-    if (r == 8) return &softmax_block_few<8>;
+    if (r == 8) return few_row_fns_for<8>();
   }
   if constexpr (kW >= 8) {
-    if (r == 4) return &softmax_block_few<4>;
+    if (r == 4) return few_row_fns_for<4>();
   }
-  return r == 2 ? &softmax_block_few<2> : &softmax_block_few<1>;
+  return r == 2 ? few_row_fns_for<2>() : few_row_fns_for<1>();
 }
 
 // Rows [0, rows) of O (row length dvp) times their alpha.
@@ -310,11 +307,11 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
         fused_cap ? &softmax_block<true, false> : &softmax_block<false, false>;
     const SoftmaxBlockFn softmax_masked =
         fused_cap ? &softmax_block<true, true> : &softmax_block<false, true>;
-    const ScoresFn scores_few = few > 0 ? scores_for(few) : nullptr;
+    const FewRowFns few_fns = few > 0 ? few_row_fns(few) : FewRowFns{nullptr, nullptr};
+    const auto scores_few = few_fns.scores;
     // Few rows and nothing but the online softmax between the products: blocks without a
     // mask keep their scores packed (sp, past the S^T rows that masked blocks use).
-    const SoftmaxFewFn softmax_packed =
-        few > 0 && !softcap && !bias && !dropout ? softmax_few_for(few) : nullptr;
+    const auto softmax_packed = !softcap && !bias && !dropout ? few_fns.softmax : nullptr;
     float* const sp = s.st + kBlockKeys * ld;
 
     for (int64_t j0 = kmin; j0 <= kmax; j0 += kBlockKeys) {
