@@ -99,6 +99,17 @@ inline Scratch carve(float* base, const SoftmaxFwdParams& p) {
   return s;
 }
 
+// The vectors x[i * stride], i < n (64-byte aligned), replaced by exp2(x - m); returns their sum.
+inline vf exp2_in_place(float* x, int64_t n, int64_t stride, vf m) {
+  vf sum{};
+  for (int64_t i = 0; i < n; ++i) {
+    const vf p = vexp2(at(x + i * stride) - m);
+    at(x + i * stride) = p;
+    sum += p;
+  }
+  return sum;
+}
+
 // One key block of the online softmax, on S^T rows [0, bn): optional softcap, optional
 // mask, then P^T = exp2(S^T - m_new) in place, the running max / sum, and per query the
 // factor alpha = exp2(m_old - m_new) its accumulated output row must be scaled by. Returns
@@ -133,12 +144,7 @@ bool softmax_block(float* st, int64_t ld, int64_t bn, int n_vecs, float cap_mul,
     // keeps exp2 at exactly 0 there rather than NaN from (-inf) - (-inf).
     const vf m_use = m_new == neg_inf ? vf{} : m_new;
     const vf alpha = vexp2(m_old - m_use);
-    vf sum{};
-    for (int64_t j = 0; j < bn; ++j) {
-      const vf p = vexp2(at(col + j * ld) - m_use);
-      at(col + j * ld) = p;
-      sum += p;
-    }
+    const vf sum = exp2_in_place(col, bn, ld, m_use);
     at(l + cv * kW) = at(l + cv * kW) * alpha + sum;
     at(m + cv * kW) = m_new;
     at(alpha_out + cv * kW) = alpha;
@@ -168,13 +174,7 @@ bool softmax_block_few(float* sp, int64_t bn, float* m, float* l, float* alpha_o
   const vf m_new = vmax(m_old, mx);
   const vf m_use = m_new == neg_inf ? vf{} : m_new;  // as in softmax_block
   const vf alpha = vexp2(m_old - m_use);
-  vf sum{};
-  for (int64_t i = 0; i < n_vecs; ++i) {
-    const vf p = vexp2(at(sp + i * kW) - m_use);
-    at(sp + i * kW) = p;
-    sum += p;
-  }
-  sum = fold_rows<R, false>(sum);
+  const vf sum = fold_rows<R, false>(exp2_in_place(sp, n_vecs, kW, m_use));
   bool changed = false;
   for (int r = 0; r < R; ++r) {
     l[r] = l[r] * alpha[r] + sum[r];
