@@ -82,8 +82,8 @@ def get(name: str):
     return _MODULES[name]
 
 
-# (name, TRITON_INTERPRET for triton) -> why the backend cannot run here (None: it can). Probing imports
-# and devices on every call cost 20-30 us of a ~230 us one-token linear-attention step.
+# (name, TRITON_INTERPRET for triton) -> why the backend cannot run here (None: it can). Probing
+# imports and devices on every call cost 20-30 us of a ~230 us one-token linear-attention step.
 _AVAILABILITY: Dict[Tuple[str, bool], Optional[str]] = {}
 
 

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import validation
 from .softmax import attention
 
 
@@ -23,9 +24,6 @@ class SDPAInputError(RuntimeError, ValueError):
 
 def _meta(x):
     return None if x is None else torch.empty_like(x, device="meta")
-
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _plain_output_shape(query, key, value, attn_mask, is_causal, scale, enable_gqa):
@@ -39,7 +37,7 @@ def _plain_output_shape(query, key, value, attn_mask, is_causal, scale, enable_g
     tensors), which a decoding step must not pay.
     """
     dims = query.dim()
-    if (dims not in (3, 4) or key.dim() != dims or value.dim() != dims or query.dtype not in _FLOATS
+    if (dims not in (3, 4) or key.dim() != dims or value.dim() != dims or query.dtype not in validation.FLOAT_DTYPES
             or key.dtype != query.dtype or value.dtype != query.dtype
             or any(x.layout != torch.strided for x in (query, key, value))
             or type(is_causal) is not bool or type(enable_gqa) is not bool
