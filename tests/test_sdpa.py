@@ -64,6 +64,20 @@ def test_mask_may_not_enlarge_the_output():
         pyattn.scaled_dot_product_attention(q, k, k, attn_mask=mask)
 
 
+@pytest.mark.parametrize("mask", ["bool-0d", "bool-1d", "float-0d", "float-1d"])
+def test_low_dim_mask_broadcasts_like_torch_math_backend(mask):
+    # torch's CPU backend choice raises IndexError on these; its math backend (and its meta path) broadcast them
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k = torch.randn(2, 3, 5, 8, dtype=torch.float64), torch.randn(2, 3, 6, 8, dtype=torch.float64)
+    shape = () if mask.endswith("0d") else (6,)
+    m = torch.rand(shape) > 0.3 if mask.startswith("bool") else torch.randn(shape, dtype=torch.float64)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(q, k, k, attn_mask=m)
+    assert_close(pyattn.scaled_dot_product_attention(q.float(), k.float(), k.float(), attn_mask=m.to(
+        torch.bool if m.dtype == torch.bool else torch.float32)), expected, torch.float32, name="out")
+
+
 def test_dropout_one_gives_zeros_like_torch():
     q = torch.randn(1, 2, 5, 8)
     assert torch.equal(pyattn.scaled_dot_product_attention(q, q, q, dropout_p=1.0), torch.zeros_like(q))

@@ -27,14 +27,16 @@ def _meta(x):
 
 
 def _plain_output_shape(query, key, value, attn_mask, is_causal, scale, enable_gqa):
-    """The output shape of the inputs most calls bring, all of which torch accepts; None for the rest.
+    """The output shape of the inputs most calls bring, all of which torch's meta and math paths accept; None
+    for the rest.
 
     Plain means: strided 3-D or 4-D q, k, v of one float dtype with equal leading dims, equal
     head counts (or, 4-D with ``enable_gqa``, q's a multiple of k's), matching head and key
     sizes, plain Python flags and scale, no mask with ``is_causal``, and a bool or q-dtype mask
     that broadcasts to the scores without growing them. torch's own checks run on meta copies
     for everything else: they cost ~3 ms a call (torch runs its Python decomposition on meta
-    tensors), which a decoding step must not pay.
+    tensors), which a decoding step must not pay. A 0-D or 1-D mask is plain too: torch's math backend
+    broadcasts it, and so does pyattn, though torch's CPU backend choice fails on it with an IndexError.
     """
     dims = query.dim()
     if (dims not in (3, 4) or key.dim() != dims or value.dim() != dims or query.dtype not in validation.FLOAT_DTYPES
