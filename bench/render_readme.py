@@ -13,7 +13,9 @@ import glob
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Last, not first: the repo root's kernels/ folder must not shadow an installed `kernels` package
+# (Hugging Face's, which transformers imports); pyattn itself is found there when not installed.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pyattn.bench.results import SCHEMA, load  # noqa: E402
 

@@ -1,5 +1,12 @@
 """Test harness: the Triton interpreter without a GPU, the `gpu` marker, NaN-poisoned buffers."""
 import os
+import sys
+
+# The source tree's kernels/ folder is pyattn.kernels (setup.py maps it; so does the editable install).
+# `python -m pytest` puts the repo root on sys.path, where that folder would shadow Hugging Face's
+# `kernels` package, which transformers >= 5 imports.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
 
 # The interpreter's tl.dot is a small numpy matmul; multithreaded OpenBLAS on a busy 2-core machine
 # spends ~30 ms on each. Set before torch imports numpy.
