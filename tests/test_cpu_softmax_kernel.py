@@ -42,6 +42,7 @@ SHAPES = [
     (1, 4, 1, 130, 17, 16, 16),   # Sq > Sk, MQA: causal rows before Sq - Sk see nothing
     (1, 4, 2, 97, 61, 64, 80),    # Dv != D
     (1, 8, 1, 3, 200, 128, 48),   # decoding-like
+    (1, 2, 1, 70, 450, 64, 64),   # several key blocks on every ISA (64, 96 or 192 keys a block)
 ]
 
 # name: (causal, window, softcap)
@@ -123,7 +124,7 @@ def test_every_instruction_set(isa, mask):
     causal, window, softcap = MASKS[mask]
     with forced_isa(isa):
         assert C.current_isa() == isa
-        for shape in [(1, 2, 2, 300, 300, 64, 64), (2, 8, 2, 5, 150, 80, 40), (1, 3, 3, 70, 9, 3, 5)]:
+        for shape in [(1, 2, 2, 300, 450, 64, 64), (2, 8, 2, 5, 150, 80, 40), (1, 3, 3, 70, 9, 3, 5)]:
             check(*make_inputs(shape, "bshd"), causal=causal, window=window, softcap=softcap)
 
 

@@ -312,7 +312,7 @@ void softmax_fwd(const SoftmaxFwdParams& p, int num_threads) {
   const double flops = attention_flops(p);
   int threads = thread_count(num_threads, flops, attention_bytes(p), INT64_MAX);
   // Fewer query blocks than threads (decoding): split the keys as flash-decoding does, at
-  // least 4 key blocks per range, about two ranges per thread.
+  // least 256 keys per range, about two ranges per thread.
   constexpr int64_t kMinSplitKeys = 256;
   if (job.n_blocks < threads && p.cu_seqlens_q == nullptr && p.seq_k >= 2 * kMinSplitKeys) {
     const int64_t want =

@@ -1,6 +1,7 @@
 // Block kernel of the CPU softmax attention forward, written once with GCC/Clang vector
 // extensions and compiled once per instruction set (attention_cpu_<isa>.cpp defines
-// PYATTN_ISA, PYATTN_VEC_BYTES, PYATTN_TILE_ROWS, PYATTN_TILE_VECS, then includes this).
+// PYATTN_ISA, PYATTN_VEC_BYTES, PYATTN_TILE_ROWS, PYATTN_TILE_VECS and optionally
+// PYATTN_BLOCK_KEYS, then includes this).
 //
 // Layout (FlashAttention-2 style online softmax; the scores are computed transposed so that
 // every softmax statistic is a vector over queries and no horizontal reduction is needed):
@@ -33,8 +34,12 @@ namespace pyattn {
 namespace cpu {
 namespace PYATTN_ISA {
 
-constexpr int kBlockRows = 64;  // queries per block (BM)
-constexpr int kBlockKeys = 64;  // keys per block (BN)
+#ifndef PYATTN_BLOCK_KEYS
+#define PYATTN_BLOCK_KEYS 64
+#endif
+
+constexpr int kBlockRows = 64;                 // queries per block (BM)
+constexpr int kBlockKeys = PYATTN_BLOCK_KEYS;  // keys per block (BN)
 static_assert(kBlockRows % kW == 0, "block rows must fill whole vectors");
 
 // Scratch regions, in floats, each a multiple of 16 floats (64 bytes).
