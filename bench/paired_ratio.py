@@ -1,16 +1,20 @@
 """Median of paired speed ratios, pyattn CPU kernel vs torch SDPA, alternating in one process.
 
     python bench/paired_ratio.py [--seq 2048] [--rounds 21] [--cases fwd-fp32 fwdbwd-fp32 fwd-bf16 ...]
-                                 [--json bench/results/FILE.json]
+                                 [--isa avx2] [--json bench/results/FILE.json]
 
 Cases: ``<pass>-<dtype>`` with pass ``fwd`` (inference, no autograd) or ``fwdbwd`` (forward
 and backward of out.sum-like loss through autograd), dtype fp32 / bf16 / fp16; each is run
 non-causal and causal. On a shared, noisy machine a ratio of two calls timed back to back
 is steadier than two medians taken minutes apart; this is the number quoted in the README.
+To compare AVX2 kernels on an AVX-512 machine, hold torch to AVX2 as well:
+``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench/paired_ratio.py --isa avx2``
+(the record keeps those variables).
 """
 import argparse
 import datetime
 import json
+import os
 import statistics
 import time
 
@@ -21,6 +25,8 @@ import pyattn
 from pyattn.bench.results import cpu_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What holds torch's CPU kernels to a lower instruction set: its own vectorized ops, oneDNN, MKL.
+TORCH_ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 CASES = ("fwd-fp32", "fwdbwd-fp32", "fwd-bf16", "fwdbwd-bf16")
 
 
@@ -60,8 +66,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--cases", nargs="+", default=["fwd-fp32"], choices=[
         f"{p}-{d}" for p in ("fwd", "fwdbwd") for d in DTYPES])
+    parser.add_argument("--isa", help="pyattn's CPU kernels for this instruction set (pyattn._C.set_isa), "
+                        "e.g. avx2 on an AVX-512 machine (hold torch to it with " + ", ".join(TORCH_ISA_ENV) + ")")
     parser.add_argument("--json")
     args = parser.parse_args()
+    if args.isa:
+        import pyattn._C
+        pyattn._C.set_isa(args.isa)
     torch.manual_seed(0)
     rows = []
     for case in args.cases:
@@ -90,6 +101,7 @@ def main() -> None:
     if args.json:
         record = dict(date=datetime.date.today().isoformat(), machine=cpu_model(),
                       isa=pyattn._C.current_isa(), threads=torch.get_num_threads(), torch=torch.__version__,
+                      torch_env={k: os.environ[k] for k in TORCH_ISA_ENV if k in os.environ},
                       pyattn=pyattn.__version__,
                       shape=dict(batch=args.batch, heads=args.heads, seq=args.seq, dim=args.dim),
                       rounds=args.rounds, results=rows)

@@ -32,7 +32,9 @@ def kind(record) -> str:
 
 def _machine(r) -> str:
     isa = f", {r['isa']} kernels" if r.get("isa") else ""
-    return f"{r.get('machine', 'CPU')}{isa}, {r.get('threads', '?')} threads, torch {r['torch']}, {r['date']}"
+    held = " ".join(f"{k}={v}" for k, v in r.get("torch_env", {}).items())
+    torch_version = f"torch {r['torch']}" + (f" held by {held}" if held else "")
+    return f"{r.get('machine', 'CPU')}{isa}, {r.get('threads', '?')} threads, {torch_version}, {r['date']}"
 
 
 def _softmax(path, r):
