@@ -13,6 +13,7 @@ To compare AVX2 kernels on an AVX-512 machine, hold torch to AVX2 as well:
 """
 import argparse
 import datetime
+import importlib
 import json
 import os
 import statistics
@@ -71,8 +72,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     if args.isa:
-        import pyattn._C
-        pyattn._C.set_isa(args.isa)
+        importlib.import_module("pyattn._C").set_isa(args.isa)
     torch.manual_seed(0)
     rows = []
     for case in args.cases:
