@@ -92,8 +92,9 @@ inline vf split_exp2(vf x, vf* f) {
   return (vf)pow_bits;
 }
 
-// 2^x for the softmax's x <= 0 (-inf included; any x < 127 works): clamping at -127 makes
-// 2^n = +0 from the exponent bits, so results below 2^-126 flush to 0 without a select.
+// 2^x for the softmax's x <= 0 (-inf included; any x < 127 works). The generic path clamps
+// at -127, which makes 2^n = +0 from the exponent bits, so results below 2^-126 flush to 0
+// without a select.
 inline vf vexp2(vf x) {
 #if PYATTN_VEC_BYTES == 64 && defined(__AVX512F__)
   // AVX-512: n by vrndscaleps and 2^n * 2^f by vscalefps, 3 instructions fewer than the
