@@ -9,7 +9,8 @@ How a converted model runs
   ``LlamaAttention``, and any module of the same shape: an ``...Attention``
   class with ``layer_idx`` and ``head_dim`` (or ``head_size``) in a model that
   calls transformers' ``AttentionInterface``; tried with transformers 5.23:
-  GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, OPT, GPT-NeoX) keeps its
+  GPT-2, Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, OPT, GPT-NeoX; with 5.25
+  GPT-J too) keeps its
   code and every pretrained weight: the q/k/v/o projections, RoPE, biases.
   It gains ``feature_map``, a
   `pyattn.nn.PerHeadFeatureMap` of learned T2R maps ``relu(x W^T + b)``, one
