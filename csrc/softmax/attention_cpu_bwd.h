@@ -12,11 +12,18 @@
 // no reduction over keys once lse is known, and the per-row lse and delta become splats.
 //
 // One task owns a run of key blocks of one (batch, kv head): for each block it packs
-// K^T (pre-scaled), V^T and K, then sweeps every query tile of the kv head's group that
-// sees the block, accumulating dK, dV of the block in scratch and dQ / scale into the
-// worker's own dq tiles (summed over workers at the end, so no two threads write one
-// element). bwd_prepare packs q and dout of each query tile into float32 rows once, with
-// lse and delta, so the sweeps read only aligned float32 data.
+// K^T, V^T and K, then sweeps every query tile of the kv head's group that sees the block,
+// accumulating dK, dV of the block in scratch and dQ / scale into the worker's own dq tiles
+// (summed over workers at the end, so no two threads write one element). bwd_prepare packs
+// q (times score_mul, as the forward does) and dout of each query tile into float32 rows
+// once, with lse and delta, so the sweeps read only aligned float32 data.
+//
+// S must be the forward's scores to the last bit: P = exp(S - lse) then sums to 1 as the
+// forward's did, and sum_j dS = 0 holds. With S rounded differently (K scaled instead of Q),
+// keys sharing a large component lost dQ's cancellation of that component: dQ's error was
+// 4 to 6 times a plain float32 backward's (1.3 to 2.4 times now). Both products sum over d
+// in order with one FMA per term, so they agree wherever the forward took S^T = K . QT (not
+// in the few-row path of decoding-sized blocks).
 
 #include <cstdint>
 
@@ -38,13 +45,13 @@ struct BwdScratch {
 inline BwdScratch carve_bwd(float* base, const SoftmaxFwdParams& p, const BwdWorkspace& ws) {
   const int64_t bn = kBwdKeys, bm = kBwdRows;
   BwdScratch s;
-  s.kt = base;                                    // [D][BN]   K^T * q_mul
+  s.kt = base;                                    // [D][BN]   K^T
   s.vt = s.kt + round_up(p.head_dim * bn, 16);    // [Dv][BN]  V^T
   s.kn = s.vt + round_up(p.head_dim_v * bn, 16);  // [BN][dp]  K
   s.s = s.kn + bn * ws.dp;                        // [BM][BN]  S -> P (times Z)
   s.dp = s.s + bm * bn;                           // [BM][BN]  dP -> dS * c'
   s.dc = s.dp + bm * bn;                          // [BM][BN]  softcap derivative c'
-  s.dk = s.dc + bm * bn;                          // [BN][dp]  dK / scale of the block
+  s.dk = s.dc + bm * bn;                          // [BN][dp]  dK * q_mul / scale of the block
   s.dv = s.dk + bn * ws.dp;                       // [BN][dvp] dV of the block
   return s;
 }
@@ -69,7 +76,7 @@ void bwd_prepare(const SoftmaxBwdParams& bp, const BwdWorkspace& ws, int64_t b, 
   float* lse2 = ws.lse2 + tile * bm;
   float* delta = ws.delta + tile * bm;
   pack_rows(p.dtype, qn, ws.dp, offset(p.q, p.dtype, row_offset(p.q_stride, b, h, i0)), n,
-            p.q_stride[2], p.head_dim, p.q_stride[3], 1.0f);
+            p.q_stride[2], p.head_dim, p.q_stride[3], score_mul(p));
   pack_rows(p.dtype, don, ws.dvp, offset(bp.dout, p.dtype, row_offset(bp.dout_stride, b, h, i0)), n,
             bp.dout_stride[2], p.head_dim_v, bp.dout_stride[3], 1.0f);
   for (int64_t x = n * ws.dp; x < bm * ws.dp; ++x) qn[x] = 0.0f;
@@ -98,7 +105,7 @@ void bwd_prepare(const SoftmaxBwdParams& bp, const BwdWorkspace& ws, int64_t b, 
   }
 }
 
-// One (query tile, key block) pair after S = Q K^T * q_mul and dP = dO V^T: turns S into
+// One (query tile, key block) pair after S = (Q * score_mul) K^T and dP = dO V^T: turns S into
 // P (times Z) and dP into dS * c' in place, writing dbias on the way. SOFTCAP: the tanh is
 // applied here; otherwise a softcap (if any) was applied before the bias and dc holds c'.
 struct BwdTile {
@@ -205,7 +212,7 @@ void bwd_key_blocks(const SoftmaxBwdParams& bp, const BwdWorkspace& ws, int64_t 
   const BwdScratch s = carve_bwd(scratch, p, ws);
   const bool softcap = p.softcap > 0.0f;
   const bool bias = p.bias_kind != SoftmaxFwdParams::kBiasNone;
-  const float q_mul = softcap ? p.scale / p.softcap : p.scale * kLog2e;
+  const float q_mul = score_mul(p);
   const void* k = offset(p.k, p.dtype, b * p.k_stride[0] + kvh * p.k_stride[1]);
   const void* v = offset(p.v, p.dtype, b * p.v_stride[0] + kvh * p.v_stride[1]);
   const BwdElementwiseFn plain = softcap && !bias ? &bwd_tile_elementwise<true, false>
@@ -217,7 +224,7 @@ void bwd_key_blocks(const SoftmaxBwdParams& bp, const BwdWorkspace& ws, int64_t 
     const int64_t j0 = kb * BN, bn = min64(BN, p.seq_k - j0);
     const int nvj = static_cast<int>((bn + kW - 1) / kW);
     const void* kb_ptr = offset(k, p.dtype, j0 * p.k_stride[2]);
-    pack_cols(p.dtype, s.kt, BN, kb_ptr, bn, p.k_stride[2], D, p.k_stride[3], q_mul);
+    pack_cols(p.dtype, s.kt, BN, kb_ptr, bn, p.k_stride[2], D, p.k_stride[3], 1.0f);
     pack_cols(p.dtype, s.vt, BN, offset(v, p.dtype, j0 * p.v_stride[2]), bn, p.v_stride[2], Dv,
               p.v_stride[3], 1.0f);
     for (int64_t d = 0; d < D; ++d) {
@@ -242,7 +249,7 @@ void bwd_key_blocks(const SoftmaxBwdParams& bp, const BwdWorkspace& ws, int64_t 
         const float* don = ws.don + tile * BM * dvp;
         float* dq = dq_worker + tile * BM * dp;
 
-        gemm<false>(n, nvj, D, qn, dp, 1, s.kt, BN, s.s, BN);     // S = Q K^T * q_mul
+        gemm<false>(n, nvj, D, qn, dp, 1, s.kt, BN, s.s, BN);     // S = (Q * q_mul) K^T
         gemm<false>(n, nvj, Dv, don, dvp, 1, s.vt, BN, s.dp, BN);  // dP = dO V^T
         BwdTile t{&bp, b, h, i0, n, j0, bn, nvj, ws.lse2 + tile * BM, ws.delta + tile * BM,
                   s.s, s.dp, nullptr, p.softcap * kLog2e};
@@ -258,13 +265,13 @@ void bwd_key_blocks(const SoftmaxBwdParams& bp, const BwdWorkspace& ws, int64_t 
 
         const int dvp_vecs = static_cast<int>(dvp / kW), dp_vecs = static_cast<int>(dp / kW);
         gemm<true>(bn, dvp_vecs, n, s.s, 1, BN, don, dvp, s.dv, dvp);  // dV += P^T dO
-        gemm<true>(bn, dp_vecs, n, s.dp, 1, BN, qn, dp, s.dk, dp);     // dK += dS^T Q
+        gemm<true>(bn, dp_vecs, n, s.dp, 1, BN, qn, dp, s.dk, dp);     // dK += dS^T Q * q_mul
         gemm<true>(n, dp_vecs, bn, s.dp, BN, 1, s.kn, dp, dq, dp);     // dQ += dS K
       }
     }
     void* dk = offset(bp.dk, p.dtype, row_offset(bp.dk_stride, b, kvh, j0));
     void* dv = offset(bp.dv, p.dtype, row_offset(bp.dv_stride, b, kvh, j0));
-    store_rows(p.dtype, dk, bp.dk_stride[2], bp.dk_stride[3], s.dk, dp, bn, D, p.scale);
+    store_rows(p.dtype, dk, bp.dk_stride[2], bp.dk_stride[3], s.dk, dp, bn, D, p.scale / q_mul);
     store_rows(p.dtype, dv, bp.dv_stride[2], bp.dv_stride[3], s.dv, dvp, bn, Dv, 1.0f);
   }
 }

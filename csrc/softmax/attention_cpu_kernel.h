@@ -42,6 +42,13 @@ constexpr int kBlockRows = 64;                 // queries per block (BM)
 constexpr int kBlockKeys = PYATTN_BLOCK_KEYS;  // keys per block (BN)
 static_assert(kBlockRows % kW == 0, "block rows must fill whole vectors");
 
+// The factor the queries are multiplied by before S = Q K^T: scale * log2 e (scores in log2
+// units), or scale / softcap ahead of the tanh. The backward multiplies q by it exactly as
+// the forward does, so that both compute bit-identical scores (see attention_cpu_bwd.h).
+inline float score_mul(const SoftmaxFwdParams& p) {
+  return p.softcap > 0.0f ? p.scale / p.softcap : p.scale * kLog2e;
+}
+
 // Scratch regions, in floats, each a multiple of 16 floats (64 bytes).
 struct Scratch {
   float *qt, *qr, *st, *o, *m, *l, *alpha, *kbuf, *vbuf;
@@ -270,7 +277,7 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
 
   if (kmax >= 0) {
     // QT = q^T * (scale * log2 e), or * scale / softcap before the tanh.
-    const float q_mul = softcap ? p.scale / p.softcap : p.scale * kLog2e;
+    const float q_mul = score_mul(p);
     // For few rows, Qr instead: rows dp long, zero past D, and zero rows up to R.
     for (int64_t h = t.h_first; h < t.h_first + t.n_heads; ++h) {
       const int64_t r0 = (h - t.h_first) * t.n_i;
