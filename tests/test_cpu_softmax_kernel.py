@@ -402,6 +402,35 @@ def test_half_conversions_exact(dtype):
     assert torch.equal(out[0, 0, 0], ((v[0, 0, 0].float() + v[0, 0, 1].float()) * 0.5).to(dtype))
 
 
+# Scores (in natural units) of key j along one direction, which the queries alternately see
+# as they are and negated: the running maximum of a row rises block after block, jumps once,
+# or sits far below zero. The forward fuses the softmax of unmasked key blocks into
+# S^T = K . QT against the running maximum so far, moves it only where a block's maximum
+# exceeds it by more than 8 (log2 units), and redoes a block unfused where P^T could have
+# overflowed or underflowed (beyond 100): each profile takes one of these paths. Scores this
+# large lose digits to float32 rounding, so the error bound is the float32 reference's.
+# Forward only: the backward's P = exp(S - lse) carries lse's float32 rounding (relative
+# ~1e-5 at |lse| ~ 100), which the keys' shared large component turns into dq errors of 2-3x
+# a plain float32 softmax's (as in every kernel that saves only lse).
+SCORE_PROFILES = {
+    "rising": lambda j: 0.25 * j,
+    "jump": lambda j: 100.0 * (j >= 300),
+    "far-below": lambda j: -90.0 + 0.0 * j,
+}
+
+
+@pytest.mark.parametrize("profile", list(SCORE_PROFILES))
+@pytest.mark.parametrize("isa", C.supported_isas() if C is not None else [])
+def test_running_max_moves(isa, profile):
+    q, k, v = make_inputs((1, 2, 1, 60, 450, 64, 64), "bhsd", seed=4)
+    q, k = 0.05 * q, 0.05 * k
+    q[..., 0] = torch.tensor([1.0, -1.0]).repeat(30)
+    k[..., 0] = SCORE_PROFILES[profile](torch.arange(450, dtype=torch.float32))
+    with forced_isa(isa):
+        check_against_reference(q, k, v, scale=1.0)
+        check_against_reference(q, k, v, scale=1.0, causal=True)
+
+
 @pytest.mark.parametrize("isa", C.supported_isas() if C is not None else [])
 def test_backward_keys_with_shared_component(isa):
     """Keys sharing a large component (as in models without QK-norm): dQ = scale * dS K cancels

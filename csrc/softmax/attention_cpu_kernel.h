@@ -23,7 +23,9 @@
 // the only transcendental.
 //
 // Per key block: S^T, softcap, attn_bias, causal / window mask, online softmax, dropout
-// of P^T (the row sums l take P before dropout, as the lse does), O update.
+// of P^T (the row sums l take P before dropout, as the lse does), O update. Unmasked blocks
+// without softcap or bias (most of them) take the softmax inside the S^T product instead
+// (ExpEpilogue).
 
 #include <cstdint>
 
@@ -51,7 +53,7 @@ inline float score_mul(const SoftmaxFwdParams& p) {
 
 // Scratch regions, in floats, each a multiple of 16 floats (64 bytes).
 struct Scratch {
-  float *qt, *qr, *st, *o, *m, *l, *alpha, *kbuf, *vbuf;
+  float *qt, *qr, *st, *o, *m, *l, *alpha, *m_ref, *bsum, *bmax, *kbuf, *vbuf;
   int32_t *lo_rel, *hi_rel;
   int64_t *lo, *hi;
   uint32_t *drop_lo, *drop_hi;  // dropout counter of each row at key 0
@@ -87,7 +89,7 @@ inline size_t scratch_floats(const SoftmaxFwdParams& p) {
   const int64_t vbuf = v_in_place(p) ? 0 : round_up(kBlockKeys * dvp, 16);
   return static_cast<size_t>(round_up(D * r, 16) + round_up(kW * dp, 16) +
                              round_up(kBlockKeys * r, 16) + round_up(r * dvp, 16) + 3 * r + 6 * r +
-                             2 * r + kbuf + vbuf);
+                             5 * r + kbuf + vbuf);
 }
 
 inline Scratch carve(float* base, const SoftmaxFwdParams& p) {
@@ -106,7 +108,10 @@ inline Scratch carve(float* base, const SoftmaxFwdParams& p) {
   s.hi = reinterpret_cast<int64_t*>(s.alpha + 5 * r);
   s.drop_lo = reinterpret_cast<uint32_t*>(s.alpha + 7 * r);
   s.drop_hi = reinterpret_cast<uint32_t*>(s.alpha + 8 * r);
-  s.kbuf = s.alpha + 9 * r;
+  s.m_ref = s.alpha + 9 * r;
+  s.bsum = s.alpha + 10 * r;
+  s.bmax = s.alpha + 11 * r;
+  s.kbuf = s.alpha + 12 * r;
   s.vbuf = s.kbuf + round_up(kBlockKeys * padded_d(p), 16);
   return s;
 }
@@ -167,6 +172,93 @@ bool softmax_block(float* st, int64_t ld, int64_t bn, int n_vecs, float cap_mul,
 
 using SoftmaxBlockFn = bool (*)(float*, int64_t, int64_t, int, float, const int32_t*,
                                 const int32_t*, float*, float*, float*);
+
+// The online softmax of an unmasked key block fused into its S^T = K . QT product, while
+// the scores are still in registers: each score s of query column c becomes
+// P^T = exp2(s - m_ref[c]) against the running maximum so far, and the columns' sums of P^T
+// and maxima of S^T gather in sum / mx. settle_exp_block then keeps m_ref unless a column's
+// new maximum exceeds it by more than kStaleMax (P^T stays below 2^kStaleMax, as in
+// FlashAttention-4's conditional rescaling), which saves the two passes over S^T.
+struct ExpEpilogue {
+  const float* m_ref;
+  float* sum;
+  float* mx;
+  ExpEpilogue at_column(int v0) const { return {m_ref + v0 * kW, sum + v0 * kW, mx + v0 * kW}; }
+  template <int MR, int NV>
+  void operator()(vf (&acc)[MR][NV]) const {
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) {
+      const vf m = at(m_ref + v * kW);
+      vf s = at(sum + v * kW), x = at(mx + v * kW);
+#pragma GCC unroll 16
+      for (int r = 0; r < MR; ++r) {
+        x = vmax(x, acc[r][v]);
+        acc[r][v] = vexp2(acc[r][v] - m);
+        s += acc[r][v];
+      }
+      at(sum + v * kW) = s;
+      at(mx + v * kW) = x;
+    }
+  }
+};
+
+constexpr float kStaleMax = 8.0f;  // log2 units
+// Beyond this distance between a column's new maximum and m_ref, P^T may have overflowed
+// or underflowed: the block is recomputed unfused.
+constexpr float kRefitMax = 100.0f;
+
+// Before the fused product: m_ref = m (0 for columns that have seen no key), sums 0 and
+// maxima -inf.
+inline void start_exp_block(int n_vecs, const float* m, float* m_ref, float* sum, float* mx) {
+  const vf neg_inf = splat(-kInf);
+  for (int cv = 0; cv < n_vecs; ++cv) {
+    const vf mo = at(m + cv * kW);
+    at(m_ref + cv * kW) = mo == neg_inf ? vf{} : mo;
+    at(sum + cv * kW) = vf{};
+    at(mx + cv * kW) = neg_inf;
+  }
+}
+
+// Which lanes of column vector cv must leave m_ref after the fused product: those whose
+// block maximum exceeds it by more than kStaleMax, and those that had seen no key (m_ref 0
+// stood in for their -inf).
+inline vi exp_block_moves(const float* m, const float* m_ref, const float* mx, int cv) {
+  return (at(mx + cv * kW) > at(m_ref + cv * kW) + kStaleMax) | (at(m + cv * kW) == splat(-kInf));
+}
+
+// After the fused product: the new maxima m_new (the block's maximum in the lanes that
+// move, else m_ref), P^T scaled by exp2(m_ref - m_new) in the columns that moved, l and
+// alpha = exp2(m_old - m_new) as softmax_block leaves them; returns whether any m changed.
+// Returns false in *ok, changing nothing, when a lane would move by more than kRefitMax
+// (its P^T may have overflowed or lost its digits): the caller then redoes the block unfused.
+inline bool settle_exp_block(float* st, int64_t ld, int64_t bn, int n_vecs, const float* m_ref,
+                             const float* sum, const float* mx, float* m, float* l, float* alpha,
+                             bool* ok) {
+  for (int cv = 0; cv < n_vecs; ++cv) {
+    const vf d = at(mx + cv * kW) - at(m_ref + cv * kW);
+    *ok = !any_lane(exp_block_moves(m, m_ref, mx, cv) & ((d > kRefitMax) | (d < -kRefitMax)));
+    if (!*ok) return false;
+  }
+  bool changed = false;
+  for (int cv = 0; cv < n_vecs; ++cv) {
+    const vi move = exp_block_moves(m, m_ref, mx, cv);
+    if (!any_lane(move)) {
+      at(l + cv * kW) += at(sum + cv * kW);
+      at(alpha + cv * kW) = splat(1.0f);
+      continue;
+    }
+    const vf m_old = at(m + cv * kW), ref = at(m_ref + cv * kW);
+    const vf m_new = move ? at(mx + cv * kW) : ref;
+    const vf factor = vexp2(ref - m_new);
+    for (int64_t j = 0; j < bn; ++j) at(st + j * ld + cv * kW) *= factor;
+    const vf a = vexp2(m_old - m_new);
+    at(l + cv * kW) = at(l + cv * kW) * a + at(sum + cv * kW) * factor;
+    at(m + cv * kW) = m_new;
+    at(alpha + cv * kW) = a;
+    changed = true;
+  }
+  return changed;
+}
 
 // softmax_block for blocks of R <= kW / 2 query rows without mask, softcap, bias or dropout,
 // on the packed scores sp[j * R + r] of keys j < bn (scores_few_rows with ld = R): lane l of
@@ -339,12 +431,24 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
       }
       const bool masked = max_lo > j0 || min_hi < j0 + bn - 1;
       const bool packed = softmax_packed != nullptr && !masked;
-      if (packed) {
-        scores_few(bn, dp, static_cast<const float*>(kb), k_row, s.qr, sp, few);
-      } else if (few > 0) {
-        scores_few(bn, dp, static_cast<const float*>(kb), k_row, s.qr, s.st, ld);
-      } else {
-        gemm<false>(bn, n_vecs, D, static_cast<const float*>(kb), k_row, k_d, s.qt, ld, s.st, ld);
+      // An unmasked block of the transposed product takes the fused softmax (unless the
+      // scores need a softcap or bias first), and falls back when settle_exp_block refuses.
+      bool fused = few == 0 && !masked && !softcap && !bias, rescale = false;
+      if (fused) {
+        start_exp_block(n_vecs, s.m, s.m_ref, s.bsum, s.bmax);
+        gemm<false>(bn, n_vecs, D, static_cast<const float*>(kb), k_row, k_d, s.qt, ld, s.st, ld,
+                    ExpEpilogue{s.m_ref, s.bsum, s.bmax});
+        rescale = settle_exp_block(s.st, ld, bn, n_vecs, s.m_ref, s.bsum, s.bmax, s.m, s.l,
+                                   s.alpha, &fused);
+      }
+      if (!fused) {
+        if (packed) {
+          scores_few(bn, dp, static_cast<const float*>(kb), k_row, s.qr, sp, few);
+        } else if (few > 0) {
+          scores_few(bn, dp, static_cast<const float*>(kb), k_row, s.qr, s.st, ld);
+        } else {
+          gemm<false>(bn, n_vecs, D, static_cast<const float*>(kb), k_row, k_d, s.qt, ld, s.st, ld);
+        }
       }
       if (masked) {
         // Row bounds relative to j0, clamped into [-1, bn] so they fit int32 lanes.
@@ -362,10 +466,11 @@ void run_block(const SoftmaxFwdParams& p, const BlockTask& t, float* scratch_bas
         if (softcap) softcap_tile(s.st, ld, bn, n_vecs, cap_mul, nullptr);
         apply_bias(p, t.batch, t.h_first, t.i_first, t.n_i, rows, j0, bn, s.st, 1, ld);
       }
-      const bool rescale =
-          packed ? softmax_packed(sp, bn, s.m, s.l, s.alpha)
-                 : (masked ? softmax_masked : softmax_plain)(s.st, ld, bn, n_vecs, cap_mul,
-                                                             s.lo_rel, s.hi_rel, s.m, s.l, s.alpha);
+      if (!fused) {
+        rescale = packed ? softmax_packed(sp, bn, s.m, s.l, s.alpha)
+                         : (masked ? softmax_masked : softmax_plain)(
+                               s.st, ld, bn, n_vecs, cap_mul, s.lo_rel, s.hi_rel, s.m, s.l, s.alpha);
+      }
       if (rescale) rescale_rows(s.o, dvp, rows, s.alpha);
       if (dropout) dropout_tile(p, s, j0, bn, n_vecs, ld);
       // B[j, :] = V[j, :]: the tensor's rows, or their float32 copy padded to dvp.

@@ -51,7 +51,17 @@ inline int64_t row_offset(const int64_t* s, int64_t b, int64_t h, int64_t i) {
 inline vf splat(float x) { return x - vf{}; }  // x - (+0) == x exactly, unlike 0 + x
 inline vi splat_i(int32_t x) { return x - vi{}; }
 inline vu splat_u(uint32_t x) { return x - vu{}; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+// a > b ? a : b, which is what maxps computes; GCC does not always see that and may emit
+// a compare and a blend, as it did for the clamp in vexp2 on AVX2.
+inline vf vmax(vf a, vf b) {
+#if PYATTN_VEC_BYTES == 32 && defined(__AVX__)
+  return _mm256_max_ps(a, b);
+#elif PYATTN_VEC_BYTES == 64 && defined(__AVX512F__)
+  return _mm512_max_ps(a, b);
+#else
+  return a > b ? a : b;
+#endif
+}
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
 inline vf& at(float* p) { return *reinterpret_cast<vf*>(p); }  // 64-byte aligned scratch
 inline const vf& at(const float* p) { return *reinterpret_cast<const vf*>(p); }
@@ -144,10 +154,19 @@ inline void softcap_tile(float* tile, int64_t ld, int64_t rows, int n_vecs, floa
 
 // ------------------------------------------------------------------------ matrix product
 
-// C[MR x NV*W] (+)= sum_k A[r, k] * B[k, :], A[r, k] = a[r * a_row + k * a_k].
-template <int MR, int NV, bool ACCUMULATE>
+// The default tile epilogue: accumulators are stored as they are. An epilogue is a value
+// with at_column(v0) (itself, for the tile whose columns start at vector v0) and
+// operator()(acc), applied to the finished accumulators before they are stored.
+struct StoreOnly {
+  StoreOnly at_column(int) const { return {}; }
+  template <int MR, int NV>
+  void operator()(vf (&)[MR][NV]) const {}
+};
+
+// C[MR x NV*W] (+)= sum_k A[r, k] * B[k, :], A[r, k] = a[r * a_row + k * a_k], through epi.
+template <int MR, int NV, bool ACCUMULATE, class Epi>
 void gemm_tile(int64_t K, const float* __restrict a, int64_t a_row, int64_t a_k,
-               const float* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc) {
+               const float* __restrict b, int64_t ldb, float* __restrict c, int64_t ldc, Epi epi) {
   vf acc[MR][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
@@ -168,6 +187,7 @@ void gemm_tile(int64_t K, const float* __restrict a, int64_t a_row, int64_t a_k,
       for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
     }
   }
+  epi(acc);
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 16
@@ -175,24 +195,27 @@ void gemm_tile(int64_t K, const float* __restrict a, int64_t a_row, int64_t a_k,
   }
 }
 
+template <class Epi>
 using TileFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
-                        int64_t);
+                        int64_t, Epi);
 
-template <bool ACCUMULATE, int MR, int NV = kTileVecs>
-TileFn tile_for_vecs(int nv) {
+template <bool ACCUMULATE, class Epi, int MR, int NV = kTileVecs>
+TileFn<Epi> tile_for_vecs(int nv) {
   if constexpr (NV == 1) {
-    return &gemm_tile<MR, 1, ACCUMULATE>;
+    return &gemm_tile<MR, 1, ACCUMULATE, Epi>;
   } else {
-    return nv == NV ? &gemm_tile<MR, NV, ACCUMULATE> : tile_for_vecs<ACCUMULATE, MR, NV - 1>(nv);
+    return nv == NV ? &gemm_tile<MR, NV, ACCUMULATE, Epi>
+                    : tile_for_vecs<ACCUMULATE, Epi, MR, NV - 1>(nv);
   }
 }
 
-template <bool ACCUMULATE, int MR = kTileRows>
-TileFn tile_for(int mr, int nv) {
+template <bool ACCUMULATE, class Epi, int MR = kTileRows>
+TileFn<Epi> tile_for(int mr, int nv) {
   if constexpr (MR == 1) {
-    return tile_for_vecs<ACCUMULATE, 1>(nv);
+    return tile_for_vecs<ACCUMULATE, Epi, 1>(nv);
   } else {
-    return mr == MR ? tile_for_vecs<ACCUMULATE, MR>(nv) : tile_for<ACCUMULATE, MR - 1>(mr, nv);
+    return mr == MR ? tile_for_vecs<ACCUMULATE, Epi, MR>(nv)
+                    : tile_for<ACCUMULATE, Epi, MR - 1>(mr, nv);
   }
 }
 
@@ -301,29 +324,31 @@ inline vf fold_rows(vf x) {
 // AVX2: one FMA a cycle instead of two). So a single row (decoding without GQA) takes tiles
 // twice as wide, and a lone row left after the full tiles joins the last one, split in two
 // (AVX2's 64 = 21 x 3 + 1 rows become 20 x 3 + 2 + 2).
-template <bool ACCUMULATE>
+template <bool ACCUMULATE, class Epi = StoreOnly>
 void gemm(int64_t M, int n_vecs, int64_t K, const float* a, int64_t a_row, int64_t a_k,
-          const float* b, int64_t ldb, float* c, int64_t ldc) {
+          const float* b, int64_t ldb, float* c, int64_t ldc, Epi epi = {}) {
   constexpr int kWide = 2 * kTileVecs;
   int v_wide = 0;
   if (M == 1) {
     for (; v_wide + kWide <= n_vecs; v_wide += kWide) {
-      gemm_tile<1, kWide, ACCUMULATE>(K, a, a_row, a_k, b + v_wide * kW, ldb, c + v_wide * kW, ldc);
+      gemm_tile<1, kWide, ACCUMULATE, Epi>(K, a, a_row, a_k, b + v_wide * kW, ldb,
+                                           c + v_wide * kW, ldc, epi.at_column(v_wide));
     }
   }
   const int64_t rest = M % kTileRows;
   const int64_t full_end = rest == 1 && M > kTileRows ? M - 1 - kTileRows : M - rest;
   for (int v0 = v_wide; v0 < n_vecs; v0 += kTileVecs) {
     const int nv = static_cast<int>(min64(kTileVecs, n_vecs - v0));
-    const TileFn full = tile_for<ACCUMULATE>(kTileRows, nv);
+    const TileFn<Epi> full = tile_for<ACCUMULATE, Epi>(kTileRows, nv);
+    const Epi col_epi = epi.at_column(v0);
     int64_t r0 = 0;
     for (; r0 < full_end; r0 += kTileRows) {
-      full(K, a + r0 * a_row, a_row, a_k, b + v0 * kW, ldb, c + r0 * ldc + v0 * kW, ldc);
+      full(K, a + r0 * a_row, a_row, a_k, b + v0 * kW, ldb, c + r0 * ldc + v0 * kW, ldc, col_epi);
     }
     while (r0 < M) {  // the rest: at most two tiles of at least two rows, or one row
       const int mr = static_cast<int>(M - r0 > kTileRows ? (M - r0 + 1) / 2 : M - r0);
-      tile_for<ACCUMULATE>(mr, nv)(K, a + r0 * a_row, a_row, a_k, b + v0 * kW, ldb,
-                                   c + r0 * ldc + v0 * kW, ldc);
+      tile_for<ACCUMULATE, Epi>(mr, nv)(K, a + r0 * a_row, a_row, a_k, b + v0 * kW, ldb,
+                                        c + r0 * ldc + v0 * kW, ldc, col_epi);
       r0 += mr;
     }
   }
