@@ -24,6 +24,7 @@ from pyattn.integrations import transformers as integration  # noqa: E402
 from pyattn.nn import PerHeadFeatureMap  # noqa: E402
 from pyattn.ops import linear as linear_op  # noqa: E402
 from pyattn.testing import assert_close  # noqa: E402
+from transformers_compat import cache_kwarg  # noqa: E402
 
 VOCAB, PAD = 97, 0
 MODELS = ["gpt2", "llama"]
@@ -140,10 +141,10 @@ def test_full_forward_equals_chunks_and_tokens_through_the_state(name, op_calls)
         full = model(ids, use_cache=False).logits
         assert not any(call["state"] for call in op_calls)
         cache = integration.LinearAttentionCache()
-        steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(9)]
+        steps = [model(ids[:, t:t + 1], **cache_kwarg(model, cache), use_cache=True).logits for t in range(9)]
         assert cache.get_seq_length() == 9
         chunked_cache = DynamicCache()  # the model's own cache type works too
-        chunks = [model(ids[:, a:b], past_key_values=chunked_cache, use_cache=True).logits
+        chunks = [model(ids[:, a:b], **cache_kwarg(model, chunked_cache), use_cache=True).logits
                   for a, b in ((0, 4), (4, 6), (6, 9))]
     assert_close(torch.cat(steps, 1), full, torch.float32, name="token by token")
     assert_close(torch.cat(chunks, 1), full, torch.float32, name="chunked")
@@ -178,7 +179,7 @@ def test_generate_matches_across_cache_kinds():
     options = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD)
     with torch.no_grad():
         expected = model.generate(ids, **options)
-        explicit = model.generate(ids, past_key_values=integration.LinearAttentionCache(), **options)
+        explicit = model.generate(ids, **cache_kwarg(model, integration.LinearAttentionCache()), **options)
         static = model.generate(ids, cache_implementation="static", **options)
         beams = model.generate(ids, num_beams=2, **options)
     assert torch.equal(explicit, expected) and torch.equal(static, expected)
@@ -222,7 +223,7 @@ def test_other_decoder_architectures_convert(name):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = integration.LinearAttentionCache()
-        steps = torch.cat([model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(6)], 1)
+        steps = torch.cat([model(ids[:, t:t + 1], **cache_kwarg(model, cache), use_cache=True).logits for t in range(6)], 1)
     assert_close(steps, full, torch.float32, name="token by token")
 
 
@@ -261,16 +262,16 @@ def test_unsupported_masks_and_caches_are_rejected():
         with pytest.raises(ValueError, match="2D padding mask"):
             model(ids, attention_mask=torch.ones(2, 1, 10, 10, dtype=torch.bool))
         softmax_cache = DynamicCache()
-        _pretrained("llama")(ids, past_key_values=softmax_cache, use_cache=True)
+        _pretrained("llama")(ids, **cache_kwarg(model, softmax_cache), use_cache=True)
         with pytest.raises(ValueError, match="already holds keys and values"):
-            model(ids, past_key_values=softmax_cache, use_cache=True)
+            model(ids, **cache_kwarg(model, softmax_cache), use_cache=True)
         config = MistralConfig(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                                intermediate_size=96, num_hidden_layers=2, sliding_window=4, pad_token_id=PAD)
         sliding = integration.convert_to_linear(AutoModelForCausalLM.from_config(config).eval(), feature_dim=8)
         with pytest.raises(NotImplementedError, match="sliding window"):
             sliding(ids)
         cache = integration.LinearAttentionCache()
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **cache_kwarg(model, cache), use_cache=True)
         with pytest.raises(NotImplementedError, match="cannot be cropped"):
             cache.crop(3)
 

@@ -23,6 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from pyattn.integrations import transformers as integration  # noqa: E402
 from pyattn.ops import softmax  # noqa: E402
 from pyattn.testing import assert_close, assert_close_relative  # noqa: E402
+from transformers_compat import cache_kwarg  # noqa: E402
 
 VOCAB, PAD = 97, 0
 DTYPES = {"f32": torch.float32, "f64": torch.float64}
@@ -210,9 +211,9 @@ def test_chunked_prefill_with_a_cache_is_bottom_right_causal(spy):
     with torch.no_grad():
         expected = model(ids).logits
         cache = DynamicCache()
-        first = model(ids[:, :4], past_key_values=cache, use_cache=True).logits
+        first = model(ids[:, :4], **cache_kwarg(model, cache), use_cache=True).logits
         spy.clear()
-        second = model(ids[:, 4:], past_key_values=cache, use_cache=True).logits
+        second = model(ids[:, 4:], **cache_kwarg(model, cache), use_cache=True).logits
     # 5 new queries over 9 keys, no mask: only bottom-right alignment makes this right
     assert all(call["causal"] and call["bias"] is None and call["k"].shape[2] == 9 for call in spy)
     assert_close(torch.cat([first, second], 1), expected, torch.float32, name="logits")

@@ -145,8 +145,9 @@ class RecurrentStateLayer(CacheLayerMixin):
 class LinearAttentionCache(Cache):
     """A cache of `RecurrentStateLayer` (one per layer, made on first use) for a `convert_to_linear` model.
 
-    Pass it as ``past_key_values`` to a forward or to ``generate``; the model's
-    default ``DynamicCache`` behaves the same once converted.
+    Pass it as ``cache`` to a forward or to ``generate`` (``past_key_values`` before
+    transformers 5.x renamed it; the converted layers find the Cache under either name);
+    the model's default ``DynamicCache`` behaves the same once converted.
     """
 
     def __init__(self):
