@@ -116,6 +116,11 @@ inline Scratch carve(float* base, const SoftmaxFwdParams& p) {
   return s;
 }
 
+// The maximum the scores of a column are measured from: m, or 0 where m = -inf (a column
+// that has seen no visible key yet), which keeps exp2 of its masked scores at exactly 0
+// rather than NaN from (-inf) - (-inf).
+inline vf reference_max(vf m) { return m == splat(-kInf) ? vf{} : m; }
+
 // The vectors x[i * stride], i < n (64-byte aligned), replaced by exp2(x - m); returns their sum.
 inline vf exp2_in_place(float* x, int64_t n, int64_t stride, vf m) {
   vf sum{};
@@ -157,9 +162,7 @@ bool softmax_block(float* st, int64_t ld, int64_t bn, int n_vecs, float cap_mul,
     }
     const vf m_old = at(m + cv * kW);
     const vf m_new = vmax(m_old, mx);
-    // A column that has seen no visible key yet keeps m = -inf; subtracting 0 instead
-    // keeps exp2 at exactly 0 there rather than NaN from (-inf) - (-inf).
-    const vf m_use = m_new == neg_inf ? vf{} : m_new;
+    const vf m_use = reference_max(m_new);
     const vf alpha = vexp2(m_old - m_use);
     const vf sum = exp2_in_place(col, bn, ld, m_use);
     at(l + cv * kW) = at(l + cv * kW) * alpha + sum;
@@ -207,15 +210,13 @@ constexpr float kStaleMax = 8.0f;  // log2 units
 // or underflowed: the block is recomputed unfused.
 constexpr float kRefitMax = 100.0f;
 
-// Before the fused product: m_ref = m (0 for columns that have seen no key), sums 0 and
+// Before the fused product: m_ref = reference_max(m), sums 0 and
 // maxima -inf.
 inline void start_exp_block(int n_vecs, const float* m, float* m_ref, float* sum, float* mx) {
-  const vf neg_inf = splat(-kInf);
   for (int cv = 0; cv < n_vecs; ++cv) {
-    const vf mo = at(m + cv * kW);
-    at(m_ref + cv * kW) = mo == neg_inf ? vf{} : mo;
+    at(m_ref + cv * kW) = reference_max(at(m + cv * kW));
     at(sum + cv * kW) = vf{};
-    at(mx + cv * kW) = neg_inf;
+    at(mx + cv * kW) = splat(-kInf);
   }
 }
 
@@ -276,7 +277,7 @@ bool softmax_block_few(float* sp, int64_t bn, float* m, float* l, float* alpha_o
   vf m_old;
   for (int lane = 0; lane < kW; ++lane) m_old[lane] = m[lane % R];
   const vf m_new = vmax(m_old, mx);
-  const vf m_use = m_new == neg_inf ? vf{} : m_new;  // as in softmax_block
+  const vf m_use = reference_max(m_new);
   const vf alpha = vexp2(m_old - m_use);
   const vf sum = fold_rows<R, false>(exp2_in_place(sp, n_vecs, kW, m_use));
   bool changed = false;
